@@ -1,0 +1,36 @@
+# Two commands do all set-up: `make train` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# train.yaml's default dataset_dir
+DEMO_DIR := demo_data
+# configs instantiate `scripts.*`; MONAI evaluates `$import scripts` before it adds the bundle root to sys.path
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: train test install demo-data clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: resolving it through another package would pull a CUDA build
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(DEMO_DIR)/datalist.json: | $(STAMP)
+	$(PY) -m bundle demo-data --out $(DEMO_DIR)
+
+demo-data: $(DEMO_DIR)/datalist.json
+
+train: $(STAMP) $(DEMO_DIR)/datalist.json
+	$(PY) -m monai.bundle run training --meta_file configs/metadata.json --config_file configs/train.yaml --bundle_root .
+
+test: $(STAMP)
+	$(PY) -m pytest tests -ra
+
+clean:
+	rm -rf eval runs dist $(DEMO_DIR)

@@ -1,0 +1,1 @@
+"""The bundle's own tooling (not shipped inside the bundle zip): ``python -m bundle <verb>``."""

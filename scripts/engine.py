@@ -1,0 +1,161 @@
+"""Ignite engine glue: batches with reports, trainers with several named loss terms, checkpoints to resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.handlers import ProgressBar as _IgniteProgressBar
+from monai.engines import IterationEvents, PrepareBatch, SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import MLFlowHandler
+from monai.utils import CommonKeys as Keys
+
+__all__ = [
+    "ReportPrepareBatch",
+    "SegmentationTrainer",
+    "SegmentationEvaluator",
+    "ProgressBar",
+    "loss_terms",
+    "latest_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ReportPrepareBatch(PrepareBatch):
+    """Moves ``image`` and ``label`` to the device and hands the report tokens to the network as keyword arguments.
+
+    Unlike MONAI's ``PrepareBatchExtraInput``, absent text keys are not an error: an image-only caller (MONAI
+    Label, a PACS export without reports) gets ``network(image)``. A batch without ``label`` yields ``None``.
+
+    Args:
+        text_keys: network keyword → batch key, by default ``text_ids ← report_ids`` and
+            ``text_mask ← report_mask``.
+    """
+
+    def __init__(self, text_keys: Mapping[str, str] | None = None) -> None:
+        self.text_keys = dict(text_keys or {"text_ids": "report_ids", "text_mask": "report_mask"})
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict[str, torch.Tensor]]:
+        def to(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device=device, non_blocking=non_blocking, **kwargs)
+
+        image = to(batchdata[Keys.IMAGE])
+        label = batchdata.get(Keys.LABEL)
+        text = {arg: to(batchdata[key]) for arg, key in self.text_keys.items() if key in batchdata}
+        return image, None if label is None else to(label), (), text
+
+
+def _drop_duplicate_trackers(handlers: Sequence | None) -> list | None:
+    """Keep the first ``MLFlowHandler`` of a handler list.
+
+    The bundle's configs track with MLflow by themselves; ``--tracking mlflow`` appends MONAI's default handler,
+    which would log every value twice into the same run. Its executed-config artifact is kept.
+    """
+    if handlers is None:
+        return None
+    kept: list = []
+    first: MLFlowHandler | None = None
+    for handler in handlers:
+        if isinstance(handler, MLFlowHandler):
+            if first is None:
+                first = handler
+            else:
+                extra = tuple(a for a in handler.artifacts if a and a not in first.artifacts)
+                first.artifacts = tuple(a for a in first.artifacts if a) + extra
+                logger.info("the bundle already tracks with MLflow: merged the extra MLFlowHandler into it")
+                continue
+        kept.append(handler)
+    return kept
+
+
+class _NamedTerms:
+    """Adapts a loss returning ``{"loss": total, "loss_<term>": ...}`` to the engine, keeping the terms."""
+
+    def __init__(self, loss_function: Callable) -> None:
+        self.loss_function = loss_function
+        self.terms: dict[str, torch.Tensor] = {}
+
+    def __call__(self, pred: Any, target: torch.Tensor) -> torch.Tensor:
+        out = self.loss_function(pred, target)
+        if not isinstance(out, Mapping):
+            self.terms = {}
+            return out
+        self.terms = {k: v.detach() for k, v in out.items() if k != Keys.LOSS}
+        return out[Keys.LOSS]
+
+
+class SegmentationTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` for networks with auxiliary training outputs and losses with named terms.
+
+    - The loss function may return a mapping with the total under ``"loss"`` and each term under its own key
+      (``"loss_dice"``, ``"loss_bce"``, ...); every term lands in ``engine.state.output`` for the handlers.
+    - In training mode the network may return a mapping with the logits under ``"pred"`` and whatever its losses
+      need; the loss receives the whole mapping, while ``engine.state.output["pred"]`` holds the logits only,
+      so post-processing and metrics see a plain B×C×H×W tensor.
+
+    Takes the arguments of ``SupervisedTrainer``.
+    """
+
+    def __init__(self, *args: Any, train_handlers: Sequence | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, train_handlers=_drop_duplicate_trackers(train_handlers), **kwargs)
+        self.loss_function = _NamedTerms(self.loss_function)
+        # before MODEL_COMPLETED, where MONAI decollates and post-processes the output
+        self.add_event_handler(IterationEvents.LOSS_COMPLETED, self._unpack_output)
+
+    def _unpack_output(self, engine: SupervisedTrainer) -> None:
+        output = engine.state.output
+        if isinstance(output[Keys.PRED], Mapping):
+            output[Keys.PRED] = output[Keys.PRED][Keys.PRED]
+        output.update(self.loss_function.terms)
+
+
+class SegmentationEvaluator(SupervisedEvaluator):
+    """``SupervisedEvaluator`` that, like :class:`SegmentationTrainer`, merges a duplicate MLflow handler."""
+
+    def __init__(self, *args: Any, val_handlers: Sequence | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, val_handlers=_drop_duplicate_trackers(val_handlers), **kwargs)
+
+
+class ProgressBar(_IgniteProgressBar):
+    """Ignite's tqdm progress bar, attachable from a config handler list, showing the running loss."""
+
+    def __init__(self, output_transform: Callable | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._output_transform = output_transform
+
+    def attach(self, engine, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        kwargs.setdefault("output_transform", self._output_transform)
+        super().attach(engine, *args, **kwargs)
+
+
+def loss_terms(output: Any) -> dict[str, float]:
+    """``output_transform`` for trackers: every ``loss*`` value of a trainer's output as a float."""
+    first = output[0] if isinstance(output, (list, tuple)) else output
+    return {k: float(v) for k, v in first.items() if str(k).startswith(Keys.LOSS)}
+
+
+_EPOCH_RE = re.compile(r"(\d+)\.pt$")
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> str:
+    """Path of the newest ``<prefix>*<epoch>.pt`` training checkpoint in ``ckpt_dir``, for resuming.
+
+    Raises:
+        FileNotFoundError: when there is none, naming the folder.
+    """
+    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob(f"{prefix}*.pt") if (m := _EPOCH_RE.search(p.name))]
+    if not found:
+        raise FileNotFoundError(f"no '{prefix}*.pt' training checkpoint to resume from in {ckpt_dir}")
+    return str(max(found)[1])

@@ -1,0 +1,107 @@
+"""Building blocks shared by the bundle's text-guided networks."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
+from torch import nn
+
+__all__ = ["TextProjector", "GuideLayer"]
+
+
+class TextProjector(nn.Module):
+    """Projects text-encoder token states to ``out_dim`` and prepends a learned "no report" token.
+
+    The extra token is always a valid key: for a sample without a report (all-zero attention mask, or no text at
+    all) it is the only key, so the guided layers fall back to a learned image-only behaviour; for a sample with a
+    report it lets attention choose "nothing in this text applies here".
+
+    Args:
+        in_dim: text-encoder hidden size D.
+        out_dim: channels of the guided visual features.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        self.null_token = nn.Parameter(torch.randn(1, 1, out_dim) * 0.02)
+
+    def forward(
+        self, states: torch.Tensor | None, mask: torch.Tensor | None, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            states: B×L×D token states, or None when no sample has a report.
+            mask: B×L bool, True for real tokens; None means all tokens are real.
+            batch_size: B, needed when ``states`` is None.
+
+        Returns:
+            tokens B×(L+1)×out_dim and ``key_padding_mask`` B×(L+1) bool, True where a key must be ignored
+            (the convention of ``nn.MultiheadAttention``).
+        """
+        null = self.null_token.expand(batch_size, -1, -1)
+        valid_null = torch.ones(batch_size, 1, dtype=torch.bool, device=null.device)
+        if states is None:
+            return null, ~valid_null
+        if mask is None:
+            mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        tokens = torch.cat([null, self.proj(states)], dim=1)
+        return tokens, ~torch.cat([valid_null, mask.bool()], dim=1)
+
+
+class GuideLayer(nn.Module):
+    """Language guidance of a visual feature map (GuideDecoder-style).
+
+    Self-attention over the visual tokens, gated cross-attention from visual tokens (queries) to text tokens
+    (keys/values, padding masked), then an MLP; each with a pre-norm residual. A fixed 2D sin-cos position
+    embedding is added to queries and keys of the visual tokens, so that words such as "left" or "lower" can be
+    tied to places in the image.
+
+    Args:
+        channels: C of the feature map; the text tokens must have C channels too. Must be divisible by 4.
+        num_heads: attention heads.
+        self_attention: whether to run the visual self-attention (quadratic in H·W: off for fine levels).
+        gate_init: initial value of the learnable gate of the cross-attention branch (before tanh).
+    """
+
+    def __init__(self, channels: int, num_heads: int = 4, self_attention: bool = True, gate_init: float = 0.5) -> None:
+        super().__init__()
+        self.channels = channels
+        self.self_attn = nn.MultiheadAttention(channels, num_heads, batch_first=True) if self_attention else None
+        self.norm_self = nn.LayerNorm(channels) if self_attention else None
+        self.norm_cross = nn.LayerNorm(channels)
+        self.cross_attn = nn.MultiheadAttention(channels, num_heads, batch_first=True)
+        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+        self.norm_mlp = nn.LayerNorm(channels)
+        self.mlp = nn.Sequential(nn.Linear(channels, 2 * channels), nn.GELU(), nn.Linear(2 * channels, channels))
+        self._pos_cache: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _pos(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor:
+        key = (h, w, ref.device, ref.dtype)
+        if key not in self._pos_cache:
+            pos = build_sincos_position_embedding((h, w), self.channels, spatial_dims=2)
+            self._pos_cache[key] = pos.data.to(device=ref.device, dtype=ref.dtype)
+        return self._pos_cache[key]
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: B×C×H×W visual features.
+            text: B×L×C text tokens.
+            key_padding_mask: B×L bool, True for keys to ignore.
+
+        Returns:
+            B×C×H×W guided features.
+        """
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        pos = self._pos(h, w, tokens)
+        if self.self_attn is not None:
+            normed = self.norm_self(tokens)
+            q = normed + pos
+            tokens = tokens + self.self_attn(q, q, normed, need_weights=False)[0]
+        q = self.norm_cross(tokens) + pos
+        attended = self.cross_attn(q, text, text, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        tokens = tokens + torch.tanh(self.gate) * attended
+        tokens = tokens + self.mlp(self.norm_mlp(tokens))
+        return tokens.transpose(1, 2).reshape(b, c, h, w)

@@ -1,0 +1,152 @@
+"""Report and output transforms (array/dictionary pairs, as in MONAI)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, SaveImage, Transform
+
+from scripts.text import resolve_text_encoder_dir
+
+__all__ = ["TokenizeReport", "TokenizeReportd", "SaveMaskLikeInputd"]
+
+logger = logging.getLogger(__name__)
+
+
+class TokenizeReport(Transform):
+    """Report text → fixed-length token ids and attention mask, with the configured encoder's fast tokenizer.
+
+    Each distinct text is tokenised once and cached: clinical reports repeat (QaTa-COV19 has ~150 distinct
+    reports for 5,713 images). An empty report gives all-padding ids and an all-zero mask, which the networks
+    read as "no report".
+
+    Args:
+        tokenizer_dir: local Hugging Face model directory; None uses the bundled MiniLM.
+        max_length: tokens per report after padding/truncation (24, the setting of the published methods).
+    """
+
+    def __init__(self, tokenizer_dir: str | os.PathLike | None = None, max_length: int = 24) -> None:
+        self.tokenizer_dir = resolve_text_encoder_dir(tokenizer_dir)
+        self.max_length = int(max_length)
+        self._tokenizer = None  # loaded on first use, so the transform pickles cheaply into workers
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _tok(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir, use_fast=True)
+        return self._tokenizer
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokenizer": None}
+
+    def __call__(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(ids, mask)``, both int64 tensors of length ``max_length``."""
+        text = text.strip()
+        if text not in self._cache:
+            if text:
+                enc = self._tok()(
+                    text, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+                )
+                ids, mask = enc["input_ids"][0], enc["attention_mask"][0]
+            else:
+                pad = self._tok().pad_token_id or 0
+                ids = torch.full((self.max_length,), pad, dtype=torch.long)
+                mask = torch.zeros(self.max_length, dtype=torch.long)
+            self._cache[text] = (ids, mask)
+        ids, mask = self._cache[text]
+        return ids.clone(), mask.clone()
+
+
+class TokenizeReportd(MapTransform):
+    """Dictionary wrapper of :class:`TokenizeReport`: writes ``<key>_ids`` and ``<key>_mask``.
+
+    Args:
+        keys: the report text key(s), usually ``"report"``.
+        tokenizer_dir, max_length: see :class:`TokenizeReport`.
+        allow_missing_report: when True, a missing, None or empty report becomes "no report" (inference,
+            MONAI Label); when False it raises an error naming the sample's image (training and evaluation data
+            must carry their reports).
+        ids_suffix, mask_suffix: suffixes of the output keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "report",
+        tokenizer_dir: str | os.PathLike | None = None,
+        max_length: int = 24,
+        allow_missing_report: bool = False,
+        ids_suffix: str = "_ids",
+        mask_suffix: str = "_mask",
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.tokenize = TokenizeReport(tokenizer_dir, max_length)
+        self.allow_missing_report = allow_missing_report
+        self.ids_suffix, self.mask_suffix = ids_suffix, mask_suffix
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.keys:
+            text = d.get(key)
+            if text is None or (isinstance(text, str) and not text.strip()):
+                if not self.allow_missing_report:
+                    state = "missing" if text is None else "empty"
+                    raise ValueError(f"report '{key}' is {state} for sample {_sample_name(d)}")
+                text = ""
+            if not isinstance(text, str):
+                raise TypeError(f"report '{key}' of sample {_sample_name(d)} is {type(text).__name__}, not text")
+            d[key] = text  # keep the key, so batches of reported and unreported samples collate
+            d[f"{key}{self.ids_suffix}"], d[f"{key}{self.mask_suffix}"] = self.tokenize(text)
+        return d
+
+
+def _sample_name(d: Mapping) -> str:
+    for key in ("id", "image"):
+        value = d.get(key)
+        if isinstance(value, (str, os.PathLike)):
+            return str(value)
+        meta = getattr(value, "meta", None)
+        if meta and "filename_or_obj" in meta:
+            return str(meta["filename_or_obj"])
+    return "<unnamed>"
+
+
+class SaveMaskLikeInputd(MapTransform):
+    """Save a predicted mask in the format of its input image: PNG for PNG/JPEG inputs, NIfTI otherwise.
+
+    PNG masks are written as 8-bit 0/255 images; NIfTI masks keep the input's affine. ``pred`` should already
+    be binary and in the input's geometry (``Invertd`` before this transform).
+
+    Args:
+        keys: prediction key(s).
+        output_dir: destination folder.
+        output_postfix: appended to the input's file name stem.
+        ref_key: key of the input image whose file name decides the format.
+    """
+
+    _PNG_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+    def __init__(
+        self, keys: KeysCollection, output_dir: str | os.PathLike, output_postfix: str = "seg", ref_key: str = "image"
+    ) -> None:
+        super().__init__(keys)
+        self.ref_key = ref_key
+        common = {"output_dir": str(output_dir), "output_postfix": output_postfix, "separate_folder": False}
+        self.png = SaveImage(output_ext=".png", output_dtype=np.uint8, scale=255, resample=False, **common)
+        self.nifti = SaveImage(output_ext=".nii.gz", output_dtype=np.uint8, resample=False, **common)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        source = str(getattr(d.get(self.ref_key), "meta", {}).get("filename_or_obj", ""))
+        writer = self.png if Path(source).suffix.lower() in self._PNG_SUFFIXES else self.nifti
+        for key in self.key_iterator(d):
+            writer(d[key])
+        return d
