@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 from monai.engines import IterationEvents, PrepareBatch, SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import MLFlowHandler
@@ -20,6 +22,7 @@ __all__ = [
     "SegmentationTrainer",
     "SegmentationEvaluator",
     "ProgressBar",
+    "MetricsJsonWriter",
     "loss_terms",
     "latest_checkpoint",
 ]
@@ -140,10 +143,31 @@ class ProgressBar(_IgniteProgressBar):
         super().attach(engine, *args, **kwargs)
 
 
-def loss_terms(output: Any) -> dict[str, float]:
-    """``output_transform`` for trackers: every ``loss*`` value of a trainer's output as a float."""
+class MetricsJsonWriter:
+    """Writes an engine's final metrics, with extra fields (split, checkpoint, ...), to a JSON file on completion.
+
+    Args:
+        path: output file; its folder is created.
+        extra: JSON-serialisable fields stored beside ``"metrics"``.
+    """
+
+    def __init__(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.extra = dict(extra or {})
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        metrics = {k: float(v) for k, v in engine.state.metrics.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({**self.extra, "metrics": metrics}, indent=2, default=str))
+
+
+def loss_terms(output: Any, prefix: str = "") -> dict[str, float]:
+    """``output_transform`` for trackers: every ``loss*`` value of a trainer's output as a float, keys prefixed."""
     first = output[0] if isinstance(output, (list, tuple)) else output
-    return {k: float(v) for k, v in first.items() if str(k).startswith(Keys.LOSS)}
+    return {f"{prefix}{k}": float(v) for k, v in first.items() if str(k).startswith(Keys.LOSS)}
 
 
 _EPOCH_RE = re.compile(r"(\d+)\.pt$")

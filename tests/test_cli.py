@@ -1,0 +1,103 @@
+"""The documented command lines, run as a user runs them: `python -m monai.bundle`, `torchrun`, resume."""
+
+import subprocess
+import sys
+
+import mlflow
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+from conftest import BUNDLE_ROOT, FAST, config
+from scripts.engine import latest_checkpoint
+from scripts.networks import TextGuidedUNet
+
+EXPERIMENT = "language_guided_segmentation"
+
+
+def _cli_overrides() -> list[str]:
+    args = []
+    for key, value in FAST.items():
+        args += [f"--{key}", str(value).replace(" ", "")]
+    return args
+
+
+def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _runs(root):
+    client = mlflow.MlflowClient(f"sqlite:///{root}/eval/mlruns.db")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def test_run_training_with_tracking_logs_one_complete_mlflow_run(tmp_path, demo_dir):
+    _run([
+        sys.executable, "-m", "monai.bundle", "run", "training", "--meta_file", "configs/metadata.json",
+        "--config_file", "configs/train.yaml", "--bundle_root", str(tmp_path), "--dataset_dir", str(demo_dir),
+        "--tracking", "mlflow", *_cli_overrides(),
+    ])
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 1  # the handler added by --tracking is merged into the bundle's own
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    expected = {
+        "train_loss", "train_loss_dice", "train_loss_bce", "lr_group_0", "train_dice_mean",
+        "val_dice_mean", "val_dice_pooled", "val_iou_mean", "val_iou_pooled",
+    }
+    assert expected <= set(run.data.metrics)
+    assert run.data.metrics["train_loss_bce"] > 0
+    assert run.data.params["network"] == "TextGuidedUNet"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "model.pt" in artifacts
+    assert any(a.startswith("config_") and a.endswith(".json") for a in artifacts)  # the executed config
+
+
+def test_torchrun_two_processes_on_gloo(tmp_path, demo_dir):
+    _run([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+        "training", "--meta_file", "configs/metadata.json",
+        "--config_file", "['configs/train.yaml','configs/multi_gpu_train.yaml']",
+        "--bundle_root", str(tmp_path), "--dataset_dir", str(demo_dir), *_cli_overrides(),
+    ])
+    saved = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    TextGuidedUNet(features=FAST["network_def#features"]).load_state_dict(saved.get("model", saved), strict=True)
+    _, runs = _runs(tmp_path)
+    assert len(runs) == 1  # rank 1 does not log
+
+
+def _train(root, demo_dir, **overrides):
+    wf = ConfigWorkflow(
+        config_file=config("train.yaml"), meta_file=config("metadata.json"), logging_file=config("logging.conf"),
+        workflow_type="train", bundle_root=str(root), dataset_dir=str(demo_dir), **{**FAST, **overrides},
+    )
+    wf.initialize()
+    return wf
+
+
+def test_resume_continues_the_epoch_counter(tmp_path, demo_dir):
+    first = _train(tmp_path, demo_dir, max_epochs=3)
+    trainer = first.trainer
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())  # a cut-off
+    first.run()
+    epoch_length = trainer.state.epoch_length
+    lr_after_1 = first.parser.get_parsed_content("optimizer").param_groups[0]["lr"]
+    first.finalize()
+    assert trainer.state.epoch == 1
+    assert [p.name for p in (tmp_path / "models").glob("checkpoint_*.pt")] == ["checkpoint_epoch=1.pt"]
+
+    resumed = _train(tmp_path, demo_dir, max_epochs=3, resume=True)
+    epochs_run = []
+    resumed.trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs_run.append(e.state.epoch))
+    resumed.run()
+    state = resumed.trainer.state
+    scheduler = resumed.parser.get_parsed_content("lr_scheduler")
+    resumed.finalize()
+    assert epochs_run == [2, 3]
+    assert state.epoch == 3 and state.iteration == 3 * epoch_length
+    assert scheduler.last_epoch == 3  # the LR schedule continued too
+    assert lr_after_1 < FAST.get("learning_rate", 0.001)
+    assert latest_checkpoint(tmp_path / "models").endswith("checkpoint_epoch=3.pt")

@@ -1,0 +1,40 @@
+import pytest
+import torch
+from monai.handlers import MLFlowHandler
+
+from scripts.engine import ReportPrepareBatch, _drop_duplicate_trackers, latest_checkpoint, loss_terms
+
+
+def test_prepare_batch_passes_reports_as_keywords_and_tolerates_their_absence():
+    batch = {"image": torch.zeros(2, 1, 8, 8), "label": torch.ones(2, 1, 8, 8)}
+    image, label, args, kwargs = ReportPrepareBatch()(batch, device="cpu")
+    assert image.shape == (2, 1, 8, 8) and label.shape == (2, 1, 8, 8) and args == () and kwargs == {}
+    batch |= {"report_ids": torch.ones(2, 4, dtype=torch.long), "report_mask": torch.ones(2, 4, dtype=torch.long)}
+    _, _, _, kwargs = ReportPrepareBatch()(batch, device="cpu")
+    assert set(kwargs) == {"text_ids", "text_mask"}
+    _, label, _, _ = ReportPrepareBatch()({"image": torch.zeros(1, 1, 8, 8)}, device="cpu")
+    assert label is None
+
+
+def test_a_second_mlflow_handler_is_merged_into_the_first(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    ours = MLFlowHandler(tracking_uri=uri, artifacts=[str(tmp_path / "model.pt")])
+    added = MLFlowHandler(tracking_uri=uri, artifacts=str(tmp_path / "config.json"))
+    other = object()
+    kept = _drop_duplicate_trackers([ours, other, added])
+    assert kept == [ours, other]
+    assert ours.artifacts == (str(tmp_path / "model.pt"), str(tmp_path / "config.json"))
+
+
+def test_loss_terms_reads_decollated_output():
+    out = [{"loss": torch.tensor(1.5), "loss_bce": torch.tensor(0.5), "pred": torch.zeros(1)}] * 2
+    assert loss_terms(out, prefix="train_") == {"train_loss": 1.5, "train_loss_bce": 0.5}
+
+
+def test_latest_checkpoint_picks_the_highest_epoch(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        latest_checkpoint(tmp_path)
+    for epoch in (2, 10, 9):
+        (tmp_path / f"checkpoint_epoch={epoch}.pt").touch()
+    (tmp_path / "model.pt").touch()
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")

@@ -1,0 +1,52 @@
+import pytest
+import torch
+from monai.data import list_data_collate
+
+from scripts.transforms import TokenizeReport, TokenizeReportd
+
+
+@pytest.fixture(scope="module")
+def tokenize():
+    return TokenizeReportd(keys="report", max_length=24)
+
+
+def test_tokens_are_fixed_length_and_masked(tokenize):
+    d = tokenize({"image": "a.png", "report": "unilateral pulmonary infection, one infected area, lower left lung."})
+    ids, mask = d["report_ids"], d["report_mask"]
+    assert ids.shape == mask.shape == (24,) and ids.dtype == mask.dtype == torch.int64
+    n = int(mask.sum())
+    assert 10 < n < 24 and mask[:n].all() and not mask[n:].any()
+    assert "left" in tokenize.tokenize._tok().decode(ids[:n])
+
+
+def test_each_distinct_text_is_tokenised_once():
+    t = TokenizeReport(max_length=8)
+    calls = []
+    tok = t._tok()
+    t._tokenizer = lambda *a, **k: calls.append(a) or tok(*a, **k)
+    a1, _ = t("lower left lung.")
+    a2, _ = t("lower left lung.")
+    t("lower right lung.")
+    assert len(calls) == 2 and torch.equal(a1, a2)
+    a1[0] = -1  # callers get copies: the cache cannot be corrupted
+    assert t("lower left lung.")[0][0] != -1
+
+
+@pytest.mark.parametrize("report", [None, "", "   "])
+def test_missing_or_empty_report_is_an_error_naming_the_sample(tokenize, report):
+    with pytest.raises(ValueError, match="x_017.png"):
+        tokenize({"image": "/data/x_017.png", "report": report})
+
+
+def test_non_text_report_is_an_error(tokenize):
+    with pytest.raises(TypeError, match="x.png"):
+        tokenize({"image": "x.png", "report": 3})
+
+
+def test_missing_report_allowed_means_no_report_and_collates():
+    t = TokenizeReportd(keys="report", allow_missing_report=True)
+    with_report = t({"image": "a.png", "report": "lower left lung."})
+    without = t({"image": "b.png"})
+    assert without["report"] == "" and not without["report_mask"].any()
+    batch = list_data_collate([with_report, without])
+    assert batch["report_ids"].shape == (2, 24) and batch["report_mask"][1].sum() == 0

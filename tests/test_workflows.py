@@ -1,0 +1,100 @@
+"""The bundle's configs run end to end as MONAI model-zoo tests run them."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+from PIL import Image
+
+from conftest import BUNDLE_ROOT, FAST, config
+from scripts.networks import TextGuidedUNet
+
+
+def _workflow(config_file, workflow_type, root, demo_dir, **overrides):
+    wf = ConfigWorkflow(
+        config_file=config_file,
+        meta_file=config("metadata.json"),
+        logging_file=config("logging.conf"),
+        workflow_type=workflow_type,
+        bundle_root=str(root),
+        dataset_dir=str(demo_dir),
+        **overrides,
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+    return wf
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_dir):
+    root = tmp_path_factory.mktemp("bundle")
+    wf = _workflow(config("train.yaml"), "train", root, demo_dir, **FAST)
+    wf.run()
+    trainer = wf.train_trainer if hasattr(wf, "train_trainer") else wf.trainer
+    state = trainer.state
+    wf.finalize()
+    return root, state
+
+
+def test_training_saves_best_and_resumable_checkpoints(trained):
+    root, state = trained
+    assert state.epoch == 1
+    assert (root / "models" / "model.pt").is_file()
+    assert list((root / "models").glob("checkpoint_*1.pt"))
+    saved = torch.load(root / "models" / "model.pt", weights_only=True)
+    net = TextGuidedUNet(features=FAST["network_def#features"])
+    net.load_state_dict(saved.get("model", saved), strict=True)
+    assert (root / "eval" / "mlruns.db").is_file()
+
+
+def test_evaluate_writes_the_four_metrics(trained, demo_dir):
+    root, _ = trained
+    wf = _workflow(
+        [config("train.yaml"), config("evaluate.yaml")], "train", root, demo_dir, run_id="evaluating",
+        eval_split="test", **FAST,
+    )
+    wf.run()
+    wf.finalize()
+    result = json.loads((root / "eval" / "metrics.json").read_text())
+    assert result["split"] == "test"
+    names = {"val_dice_mean", "val_dice_pooled", "val_iou_mean", "val_iou_pooled"}
+    assert set(result["metrics"]) == names
+    assert all(0.0 <= v <= 1.0 for v in result["metrics"].values())
+    csv = (root / "eval" / "metrics.csv").read_text()
+    assert all(n in csv for n in names)
+
+
+def _infer(root, data_dir, out_dir):
+    wf = _workflow(
+        config("inference.yaml"), "infer", root, data_dir, output_dir=str(out_dir),
+        spatial_size=FAST["spatial_size"], **{"network_def#features": FAST["network_def#features"]},
+    )
+    wf.run()
+    wf.finalize()
+
+
+def test_inference_writes_png_masks_in_the_input_geometry(trained, demo_dir, tmp_path):
+    root, _ = trained
+    _infer(root, demo_dir, tmp_path)
+    test_ids = [e["id"] for e in json.loads((demo_dir / "datalist.json").read_text())["test"]]
+    written = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert written == sorted(f"{i}_seg.png" for i in test_ids)
+    mask = np.array(Image.open(tmp_path / written[0]))
+    assert mask.shape == (224, 224) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+
+
+def test_inference_without_reports_on_nifti_writes_nifti(trained, tmp_path):
+    root, _ = trained
+    data = tmp_path / "nifti"
+    data.mkdir()
+    affine = np.diag([0.5, 0.7, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(np.random.rand(96, 80).astype(np.float32), affine), data / "scan.nii.gz")
+    out = tmp_path / "out"
+    _infer(root, data, out)
+    seg = nib.load(out / "scan_seg.nii.gz")
+    assert seg.shape[:2] == (96, 80)
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-6)  # float32 spacing
+    assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
