@@ -1,1 +1,6 @@
 """Python package that the bundle's configs instantiate: networks, transforms, losses and engine glue."""
+
+from pathlib import Path
+
+BUNDLE_DIR = Path(__file__).resolve().parent.parent
+"""The bundle folder this package belongs to (its ``configs/`` are logged with each run)."""

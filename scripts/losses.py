@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-__all__ = ["DiceBCELoss"]
+__all__ = ["DiceBCELoss", "TMCALoss", "alignment_loss"]
 
 
 class DiceBCELoss(nn.Module):
@@ -41,3 +42,122 @@ class DiceBCELoss(nn.Module):
         target = target.to(logits.dtype)
         dice, bce = self.dice(logits, target), self.bce(logits, target)
         return {"loss": self.lambda_dice * dice + self.lambda_bce * bce, "loss_dice": dice, "loss_bce": bce}
+
+
+def _multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``-log(Σ_pos exp(logit) / Σ_all exp(logit))``; every row needs one positive."""
+    pos = logits.masked_fill(~positives, float("-inf")).logsumexp(dim=1)
+    return (logits.logsumexp(dim=1) - pos).mean()
+
+
+def alignment_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    mask: torch.Tensor,
+    group: torch.Tensor,
+    present: torch.Tensor,
+    temperature: float = 0.07,
+    target_sensitive: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target-sensitive contrastive alignment of one level (TMCA parts 1 and 2).
+
+    The image side is pooled under the ground-truth mask resized to the level (*target* embedding) rather than
+    over the whole image, so the distance to the report measures the lesion the report describes. Symmetric
+    InfoNCE over the batch: image→text over the batch's reports, text→image over the batch's target embeddings
+    plus the image's own *background* embedding as a hard negative. Samples with the same report are positives
+    of each other, never negatives (QaTa-COV19 has ~150 distinct reports). Samples without a report or without
+    lesion take no part.
+
+    Args:
+        image: B×d×h×w projected image features of the level.
+        text: B×d projected report embeddings.
+        mask: B×1×H×W binary ground truth (any H×W; resized by area to h×w).
+        group: B long, equal for equal reports.
+        present: B bool, False where the report is missing.
+        temperature: τ of the cosine logits.
+        target_sensitive: False pools over the whole image and drops the background negative (ablation of part 1).
+
+    Returns:
+        ``(image_to_text, text_to_image)`` losses, zero when fewer than one sample takes part.
+    """
+    weight = F.interpolate(mask.to(image.dtype), size=image.shape[-2:], mode="area")
+    if target_sensitive:
+        area = weight.sum(dim=(2, 3))
+        target = (image * weight).sum(dim=(2, 3)) / area.clamp_min(1e-6)
+        background = (image * (1 - weight)).sum(dim=(2, 3)) / (1 - weight).sum(dim=(2, 3)).clamp_min(1e-6)
+        valid = present & (area[:, 0] > 0)
+    else:
+        target, background = image.mean(dim=(2, 3)), None
+        valid = present
+    if not bool(valid.any()):
+        zero = image.sum() * 0.0 + text.sum() * 0.0  # keeps the graph for DDP
+        return zero, zero
+    v = F.normalize(target[valid], dim=1)
+    t = F.normalize(text[valid], dim=1)
+    g = group[valid]
+    same = g[:, None] == g[None, :]
+    logits = v @ t.T / temperature  # rows: images, columns: reports
+    image_to_text = _multi_positive_nce(logits, same)
+    text_logits, text_pos = logits.T, same.T
+    if background is not None:
+        hard = (F.normalize(background[valid], dim=1) * t).sum(dim=1, keepdim=True) / temperature
+        text_logits = torch.cat([text_logits, hard], dim=1)
+        text_pos = torch.cat([text_pos, torch.zeros_like(hard, dtype=torch.bool)], dim=1)
+    return image_to_text, _multi_positive_nce(text_logits, text_pos)
+
+
+class TMCALoss(nn.Module):
+    """Dice + BCE + λ_align · Σₛ wₛ · alignmentₛ + λ_map · Σ map BCE, every term returned by name.
+
+    Reads the training output of :class:`scripts.networks.TMCA` (a plain logit tensor is accepted too, giving
+    Dice + BCE only, so image-only networks can share the loss).
+
+    Args:
+        lambda_dice, lambda_bce: weights of the segmentation terms.
+        lambda_align: weight of the alignment sum.
+        lambda_map: weight of the enhancement-map supervision.
+        level_weights: stride → weight of that level's alignment (default 1 for every level).
+        temperature: τ of the alignment logits.
+        target_sensitive: see :func:`alignment_loss`.
+    """
+
+    def __init__(
+        self,
+        lambda_dice: float = 1.0,
+        lambda_bce: float = 1.0,
+        lambda_align: float = 0.1,
+        lambda_map: float = 0.1,
+        level_weights: Mapping[int, float] | None = None,
+        temperature: float = 0.07,
+        target_sensitive: bool = True,
+    ) -> None:
+        super().__init__()
+        self.segmentation = DiceBCELoss(lambda_dice, lambda_bce)
+        self.lambda_align, self.lambda_map = float(lambda_align), float(lambda_map)
+        self.level_weights = {int(k): float(v) for k, v in (level_weights or {}).items()}
+        self.temperature = temperature
+        self.target_sensitive = target_sensitive
+
+    def forward(self, pred: torch.Tensor | Mapping, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms = self.segmentation(pred, target)
+        if not isinstance(pred, Mapping):
+            return terms
+        target = target.to(pred["pred"].dtype)
+        align = pred["pred"].new_zeros(())
+        for stride, image, text in zip(pred["align_strides"], pred["align_image"], pred["align_text"]):
+            i2t, t2i = alignment_loss(
+                image, text, target, pred["text_group"], pred["text_present"], self.temperature, self.target_sensitive
+            )
+            level = (i2t + t2i) / 2
+            terms[f"loss_align_s{stride}"] = level
+            align = align + self.level_weights.get(int(stride), 1.0) * level
+        maps = pred["pred"].new_zeros(())
+        for logits in pred.get("target_maps", ()):
+            resized = F.interpolate(target, size=logits.shape[-2:], mode="area")
+            maps = maps + F.binary_cross_entropy_with_logits(logits, (resized > 0.5).to(logits.dtype))
+        if pred["align_strides"]:
+            terms["loss_align"] = align
+        if pred.get("target_maps"):
+            terms["loss_map"] = maps
+        terms["loss"] = terms["loss"] + self.lambda_align * align + self.lambda_map * maps
+        return terms

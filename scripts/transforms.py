@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, SaveImage, Transform
+from monai.transforms import MapTransform, RandomizableTransform, SaveImage, Transform
 
 from scripts.text import resolve_text_encoder_dir
 
-__all__ = ["TokenizeReport", "TokenizeReportd", "SaveMaskLikeInputd"]
+__all__ = ["TokenizeReport", "TokenizeReportd", "RandDropReportd", "SaveMaskLikeInputd"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,44 @@ class TokenizeReportd(MapTransform):
                 raise TypeError(f"report '{key}' of sample {_sample_name(d)} is {type(text).__name__}, not text")
             d[key] = text  # keep the key, so batches of reported and unreported samples collate
             d[f"{key}{self.ids_suffix}"], d[f"{key}{self.mask_suffix}"] = self.tokenize(text)
+        return d
+
+
+class RandDropReportd(RandomizableTransform, MapTransform):
+    """Report dropout: with probability ``prob`` the sample becomes report-free (text ``""``, all-zero mask).
+
+    Trains the networks' "no report" path, which image-only inference (MONAI Label, PACS exports without
+    reports) relies on. Place it after :class:`TokenizeReportd` (whose output is cached) among the random
+    transforms.
+
+    Args:
+        keys: the report text key(s) given to :class:`TokenizeReportd`.
+        prob: probability of dropping the report of a sample.
+        ids_suffix, mask_suffix: as in :class:`TokenizeReportd`.
+        pad_id: token id written over the dropped ids.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "report",
+        prob: float = 0.1,
+        ids_suffix: str = "_ids",
+        mask_suffix: str = "_mask",
+        pad_id: int = 0,
+    ) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.ids_suffix, self.mask_suffix, self.pad_id = ids_suffix, mask_suffix, pad_id
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = ""
+            d[f"{key}{self.ids_suffix}"] = torch.full_like(torch.as_tensor(d[f"{key}{self.ids_suffix}"]), self.pad_id)
+            d[f"{key}{self.mask_suffix}"] = torch.zeros_like(torch.as_tensor(d[f"{key}{self.mask_suffix}"]))
         return d
 
 

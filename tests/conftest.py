@@ -23,7 +23,6 @@ FAST = {
     "batch_size": 4,
     "num_workers": 0,
     "max_epochs": 1,
-    "network_def#features": [16, 32, 32, 64],
 }
 
 

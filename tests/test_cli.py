@@ -5,12 +5,12 @@ import sys
 
 import mlflow
 import torch
+from conftest import BUNDLE_ROOT, FAST, config
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
-from conftest import BUNDLE_ROOT, FAST, config
 from scripts.engine import latest_checkpoint
-from scripts.networks import TextGuidedUNet
+from scripts.networks import TMCA
 
 EXPERIMENT = "language_guided_segmentation"
 
@@ -45,14 +45,15 @@ def test_run_training_with_tracking_logs_one_complete_mlflow_run(tmp_path, demo_
     run = runs[0]
     assert run.info.status == "FINISHED"
     expected = {
-        "train_loss", "train_loss_dice", "train_loss_bce", "lr_group_0", "train_dice_mean",
-        "val_dice_mean", "val_dice_pooled", "val_iou_mean", "val_iou_pooled",
-    }
+        "train_loss", "train_loss_dice", "train_loss_bce", "train_loss_align", "train_loss_map", "lr_group_0",
+        "train_dice_mean", "val_dice_mean", "val_dice_pooled", "val_iou_mean", "val_iou_pooled",
+    } | {f"train_loss_align_s{s}" for s in (4, 8, 16, 32)}
     assert expected <= set(run.data.metrics)
     assert run.data.metrics["train_loss_bce"] > 0
-    assert run.data.params["network"] == "TextGuidedUNet"
+    assert run.data.params["network"] == "TMCA"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "model.pt" in artifacts
+    assert {"model.pt", "train.yaml", "metadata.json"} <= artifacts  # the configs folder, file by file
+    assert "--dataset_dir" in run.data.params["command"]
     assert any(a.startswith("config_") and a.endswith(".json") for a in artifacts)  # the executed config
 
 
@@ -64,7 +65,7 @@ def test_torchrun_two_processes_on_gloo(tmp_path, demo_dir):
         "--bundle_root", str(tmp_path), "--dataset_dir", str(demo_dir), *_cli_overrides(),
     ])
     saved = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
-    TextGuidedUNet(features=FAST["network_def#features"]).load_state_dict(saved.get("model", saved), strict=True)
+    TMCA().load_state_dict(saved.get("model", saved), strict=True)
     _, runs = _runs(tmp_path)
     assert len(runs) == 1  # rank 1 does not log
 

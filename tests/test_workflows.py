@@ -6,11 +6,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, config
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
-from conftest import BUNDLE_ROOT, FAST, config
-from scripts.networks import TextGuidedUNet
+from scripts.networks import TMCA
 
 
 def _workflow(config_file, workflow_type, root, demo_dir, **overrides):
@@ -45,8 +45,7 @@ def test_training_saves_best_and_resumable_checkpoints(trained):
     assert (root / "models" / "model.pt").is_file()
     assert list((root / "models").glob("checkpoint_*1.pt"))
     saved = torch.load(root / "models" / "model.pt", weights_only=True)
-    net = TextGuidedUNet(features=FAST["network_def#features"])
-    net.load_state_dict(saved.get("model", saved), strict=True)
+    TMCA().load_state_dict(saved.get("model", saved), strict=True)
     assert (root / "eval" / "mlruns.db").is_file()
 
 
@@ -69,8 +68,7 @@ def test_evaluate_writes_the_four_metrics(trained, demo_dir):
 
 def _infer(root, data_dir, out_dir):
     wf = _workflow(
-        config("inference.yaml"), "infer", root, data_dir, output_dir=str(out_dir),
-        spatial_size=FAST["spatial_size"], **{"network_def#features": FAST["network_def#features"]},
+        config("inference.yaml"), "infer", root, data_dir, output_dir=str(out_dir), spatial_size=FAST["spatial_size"]
     )
     wf.run()
     wf.finalize()
@@ -98,3 +96,13 @@ def test_inference_without_reports_on_nifti_writes_nifti(trained, tmp_path):
     assert seg.shape[:2] == (96, 80)
     np.testing.assert_allclose(seg.affine, affine, atol=1e-6)  # float32 spacing
     assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
+
+
+def test_verify_net_in_out_with_the_image_alone(tmp_path):
+    # MONAI's own check, as MONAI Label feeds the network: `image` only, `pred` out
+    from monai.bundle import verify_net_in_out
+
+    verify_net_in_out(
+        net_id="network_def", meta_file=config("metadata.json"), config_file=config("inference.yaml"),
+        bundle_root=str(tmp_path), n=1, device="cpu",
+    )

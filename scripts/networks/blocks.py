@@ -6,7 +6,7 @@ import torch
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from torch import nn
 
-__all__ = ["TextProjector", "GuideLayer"]
+__all__ = ["TextProjector", "TokenPool", "GuideLayer"]
 
 
 class TextProjector(nn.Module):
@@ -47,6 +47,47 @@ class TextProjector(nn.Module):
             mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
         tokens = torch.cat([null, self.proj(states)], dim=1)
         return tokens, ~torch.cat([valid_null, mask.bool()], dim=1)
+
+
+class TokenPool(nn.Module):
+    """Learned attention pooling of report token states into one B×out_dim vector.
+
+    Frozen sentence encoders pool reports that differ in one word ("left"/"right") into nearly identical vectors
+    (cosine 0.98 for MiniLM); a trainable query over the token states can weight the words that matter. Samples
+    without a report get a learned "no report" vector.
+
+    Args:
+        in_dim: text-encoder hidden size D.
+        out_dim: size of the pooled vector.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.key = nn.Linear(in_dim, out_dim)
+        self.value = nn.Linear(in_dim, out_dim)
+        self.query = nn.Parameter(torch.randn(out_dim) * out_dim**-0.5)
+        self.null = nn.Parameter(torch.randn(1, out_dim) * 0.02)
+
+    def forward(self, states: torch.Tensor | None, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """
+        Args:
+            states: B×L×D token states, or None when no sample has a report.
+            mask: B×L bool, True for real tokens.
+            batch_size: B.
+
+        Returns:
+            B×out_dim pooled reports.
+        """
+        null = self.null.expand(batch_size, -1)
+        if states is None:
+            return null
+        if mask is None:
+            mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        mask = mask.bool()
+        scores = (self.key(states) @ self.query) * self.query.shape[0] ** -0.5
+        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1).nan_to_num(0.0)
+        pooled = (weights[..., None] * self.value(states)).sum(dim=1)
+        return torch.where(mask.any(dim=1, keepdim=True), pooled, null)
 
 
 class GuideLayer(nn.Module):

@@ -54,7 +54,7 @@ class TextGuidedUNet(nn.Module):
         self.downs = nn.ModuleList(Down(2, f[i], f[i + 1], act, norm, True) for i in range(3))
         self.ups = nn.ModuleList(UpCat(2, f[i + 1], f[i], f[i], act, norm, True) for i in reversed(range(3)))
         self.head = nn.Sequential(
-            SubpixelUpsample(2, f[0], f[0] // 2, scale_factor=4), nn.Conv2d(f[0] // 2, out_channels, kernel_size=1)
+            SubpixelUpsample(2, f[0], f[0] // 2, scale_factor=4, apply_pad_pool=False), nn.Conv2d(f[0] // 2, out_channels, kernel_size=1)
         )
         self.use_text = use_text
         if use_text:
