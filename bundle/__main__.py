@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -12,6 +13,25 @@ def _demo_data(args: argparse.Namespace) -> int:
 
     path = write_demo_data(args.out, num_samples=args.num_samples, seed=args.seed, size=args.size)
     print(f"demo data written: {path}")
+    return 0
+
+
+def _datalist(args: argparse.Namespace) -> int:
+    from bundle.datalist import DatalistError, build_datalist, write_datalist
+
+    root = Path(args.root)
+    out = Path(args.out) if args.out else (root.parent if root.is_file() else root) / "datalist.json"
+    try:
+        datalist = build_datalist(
+            args.layout, root, skip_bad=args.skip_bad, val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction, seed=args.seed, encoding_errors=args.encoding_errors,
+            image_column=args.image_column, mask_column=args.mask_column or None, report_column=args.report_column,
+        )
+    except DatalistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(datalist.summary())
+    print(f"datalist written: {write_datalist(datalist, out)}")
     return 0
 
 
@@ -24,6 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--size", type=int, default=224, help="image side in pixels")
     demo.set_defaults(func=_demo_data)
+
+    dl = sub.add_parser("datalist", help="index a data set (folder, lvit or csv layout) into a datalist JSON")
+    dl.add_argument("layout", choices=["folder", "lvit", "csv"])
+    dl.add_argument("--root", required=True, help="the data folder (the CSV file for the csv layout)")
+    dl.add_argument("--out", help="datalist file (default: datalist.json in the data folder)")
+    dl.add_argument("--skip-bad", action="store_true", help="skip, log and count bad entries instead of failing")
+    dl.add_argument("--val-fraction", type=float, default=0.15, help="when the layout has no split")
+    dl.add_argument("--test-fraction", type=float, default=0.15, help="when the layout has no split")
+    dl.add_argument("--seed", type=int, default=0)
+    dl.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict",
+                    help="non-UTF-8 reports: fail (strict) or replace the bad bytes with a warning")
+    dl.add_argument("--image-column", default="image", help="csv layout")
+    dl.add_argument("--mask-column", default="mask", help="csv layout; empty for an inference-only datalist")
+    dl.add_argument("--report-column", default="report", help="csv layout")
+    dl.set_defaults(func=_datalist)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)

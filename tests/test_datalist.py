@@ -1,0 +1,144 @@
+"""`python -m bundle datalist`: real layouts from ../shared, and every kind of bad input named by file."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bundle.datalist import DatalistError, build_datalist, read_report, write_datalist
+from conftest import BUNDLE_ROOT, SHARED_DATA
+
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+
+
+@needs_shared
+def test_lvit_layout_on_the_real_monuseg_sample():
+    import openpyxl
+
+    dl = build_datalist("lvit", SHARED_DATA / "monuseg")
+    assert [len(dl.splits[s]) for s in ("training", "validation", "test")] == [0, 6, 0]
+    sheet = openpyxl.load_workbook(SHARED_DATA / "monuseg/Val_Folder/Val_text.xlsx", read_only=True).worksheets[0]
+    expected = {row[0]: row[1] for row in list(sheet.iter_rows(values_only=True))[1:]}
+    for e in dl.splits["validation"]:
+        mask_name = e["label"].rsplit("/", 1)[1]
+        assert e["report"] == expected[mask_name]
+        assert e["image"].endswith(f"img/{mask_name}")
+
+
+@needs_shared
+def test_folder_layout_on_the_real_qata_copy(tmp_path):
+    dl = build_datalist("folder", SHARED_DATA / "qata")
+    split = json.loads((SHARED_DATA / "qata/split.json").read_text())
+    assert len(dl.splits["training"]) == 5713 and len(dl.splits["validation"]) == 1429 and not dl.splits["test"]
+    assert {e["id"] for e in dl.splits["validation"]} == set(split["val"])
+    for e in dl.splits["training"][::97] + dl.splits["validation"][::53]:
+        text = (SHARED_DATA / "qata/reports" / f"{e['id']}.txt").read_text()
+        assert e["report"] == " ".join(text.split())
+        assert e["image"].endswith(f"images/{e['id']}.png") and e["label"].endswith(f"masks/{e['id']}.png")
+    out = write_datalist(dl, tmp_path / "qata.json")
+    written = json.loads(out.read_text())
+    assert written["validation"][0]["image"].startswith("/")  # data outside the datalist's folder: absolute
+
+
+def _png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+
+
+def _folder_set(root, n=4):
+    for i in range(n):
+        _png(root / "images" / f"c{i}.png", np.full((16, 16), 100 + i))
+        mask = np.zeros((16, 16))
+        mask[4:8, 4:8] = 255
+        _png(root / "masks" / f"c{i}.png", mask)
+        (root / "reports").mkdir(exist_ok=True)
+        (root / "reports" / f"c{i}.txt").write_text(f"lower  left lung {i}.\n")
+    return root
+
+
+def test_folder_layout_without_split_is_split_by_seed(tmp_path):
+    root = _folder_set(tmp_path / "d", n=20)
+    a = build_datalist("folder", root, val_fraction=0.2, test_fraction=0.1, seed=3)
+    b = build_datalist("folder", root, val_fraction=0.2, test_fraction=0.1, seed=3)
+    assert [len(a.splits[s]) for s in ("training", "validation", "test")] == [14, 4, 2]
+    assert a.splits == b.splits
+    assert a.splits["training"][0]["report"].startswith("lower left lung")  # whitespace normalised
+    out = write_datalist(a, root / "datalist.json")
+    entry = json.loads(out.read_text())["training"][0]
+    assert entry["image"].startswith("images/")  # relative to the datalist's folder
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda r: (r / "reports/c1.txt").unlink(), r"c1\.txt: missing report"),
+        (lambda r: (r / "reports/c1.txt").write_text("  \n"), r"c1\.txt: empty report"),
+        (lambda r: (r / "reports/c1.txt").write_bytes(b"lower left lung \xff\xfe."), r"c1\.txt: report is not UTF-8"),
+        (lambda r: (r / "images/c1.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken"), r"c1\.png: unreadable or corrupt"),
+        (lambda r: (r / "masks/c1.png").unlink(), r"c1\.\*: missing mask"),
+        (lambda r: _png(r / "masks/c1.png", np.zeros((16, 20))), r"masks/c1\.png: mask size \(20, 16\) differs"),
+        (lambda r: _png(r / "masks/c1.png", np.arange(256).reshape(16, 16)), r"masks/c1\.png: mask is not binary"),
+    ],
+)
+def test_bad_input_is_named_or_skipped_and_counted(tmp_path, breakage, message):
+    root = _folder_set(tmp_path / "d")
+    breakage(root)
+    with pytest.raises(DatalistError, match=message):
+        build_datalist("folder", root)
+    dl = build_datalist("folder", root, skip_bad=True)
+    assert sum(len(v) for v in dl.splits.values()) == 3
+    assert len(dl.skipped) == 1 and "c1" in dl.skipped[0][0]
+    assert "skipped: 1" in dl.summary()
+
+
+def test_non_utf8_report_can_be_decoded_with_a_warning(tmp_path, caplog):
+    p = tmp_path / "r.txt"
+    p.write_bytes(b"lower left lung \xff.")
+    assert read_report(p, encoding_errors="replace") == "lower left lung \ufffd."
+    assert "r.txt" in caplog.text and "not UTF-8" in caplog.text
+
+
+def test_excel_with_unexpected_columns(tmp_path):
+    import openpyxl
+
+    folder = tmp_path / "Val_Folder"
+    (folder / "img").mkdir(parents=True)
+    wb = openpyxl.Workbook()
+    wb.active.append(["Name", "Text"])
+    wb.active.append(["a.png", "x"])
+    wb.save(folder / "Val_text.xlsx")
+    with pytest.raises(DatalistError, match=r"Val_text\.xlsx: expected columns 'Image' and 'Description'"):
+        build_datalist("lvit", tmp_path)
+
+
+def test_csv_layout_and_duplicate_ids(tmp_path):
+    root = _folder_set(tmp_path / "d", n=3)
+    rows = ["Image,Mask,Description"] + [f"images/c{i}.png,masks/c{i}.png,left lung {i}" for i in range(3)]
+    (root / "prompts.csv").write_text("\n".join(rows) + "\n")
+    dl = build_datalist("csv", root / "prompts.csv", image_column="Image", mask_column="Mask",
+                        report_column="Description", val_fraction=0, test_fraction=0)
+    assert [e["report"] for e in dl.splits["training"]] and len(dl.splits["training"]) == 3
+    (root / "dup.csv").write_text("\n".join(rows + [rows[1]]) + "\n")
+    with pytest.raises(DatalistError, match=r"c0\.png: duplicate id 'c0'"):
+        build_datalist("csv", root / "dup.csv", image_column="Image", mask_column="Mask", report_column="Description")
+    with pytest.raises(DatalistError, match=r"prompts\.csv: expected columns"):
+        build_datalist("csv", root / "prompts.csv")
+
+
+def test_unknown_layout_and_cli_exit_code(tmp_path):
+    with pytest.raises(DatalistError, match="not a 'folder' layout"):
+        build_datalist("folder", tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bundle", "datalist", "folder", "--root", str(tmp_path)],
+        cwd=BUNDLE_ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and "not a 'folder' layout" in proc.stderr
+    root = _folder_set(tmp_path / "ok")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bundle", "datalist", "folder", "--root", str(root)],
+        cwd=BUNDLE_ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0 and "training:" in proc.stdout and (root / "datalist.json").is_file()
