@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,18 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, RandomizableTransform, SaveImage, Transform
+from monai.transforms import Flipd, MapTransform, RandomizableTransform, SaveImage, Transform
 
 from scripts.text import resolve_text_encoder_dir
 
-__all__ = ["TokenizeReport", "TokenizeReportd", "RandDropReportd", "SaveMaskLikeInputd"]
+__all__ = [
+    "TokenizeReport",
+    "TokenizeReportd",
+    "RandDropReportd",
+    "RandSideFlipd",
+    "swap_sides",
+    "SaveMaskLikeInputd",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +151,64 @@ class RandDropReportd(RandomizableTransform, MapTransform):
             d[key] = ""
             d[f"{key}{self.ids_suffix}"] = torch.full_like(torch.as_tensor(d[f"{key}{self.ids_suffix}"]), self.pad_id)
             d[f"{key}{self.mask_suffix}"] = torch.zeros_like(torch.as_tensor(d[f"{key}{self.mask_suffix}"]))
+        return d
+
+
+_SIDES = {"left": "right", "right": "left", "lt": "rt", "rt": "lt", "leftward": "rightward", "rightward": "leftward"}
+_SIDE_RE = re.compile(r"\b(" + "|".join(_SIDES) + r")\b", re.IGNORECASE)
+
+
+def swap_sides(text: str) -> str:
+    """``text`` with "left" and "right" (and "lt"/"rt", "leftward"/"rightward") exchanged, case kept."""
+
+    def swap(m: re.Match) -> str:
+        word, other = m.group(0), _SIDES[m.group(0).lower()]
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    return _SIDE_RE.sub(swap, text)
+
+
+class RandSideFlipd(RandomizableTransform, MapTransform):
+    """Side-aware horizontal flip: flips image and mask left↔right and swaps the sides named in the report.
+
+    A plain flip (as LViT and RecLMIS train with) turns "left lower lung" into a lie. The report is re-tokenised
+    after the swap (the tokenizer caches each distinct text, so this is cheap).
+
+    Args:
+        keys: image and mask keys to flip.
+        report_key: the report text key; its ``_ids``/``_mask`` tokens are rewritten.
+        prob: flip probability.
+        spatial_axis: the image's left–right axis. 0 for images read by MONAI's readers (the first spatial axis
+            is the column, x), which is every format this bundle loads.
+        tokenizer_dir, max_length: as given to :class:`TokenizeReportd`.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        report_key: str = "report",
+        prob: float = 0.5,
+        spatial_axis: int = 0,
+        tokenizer_dir: str | os.PathLike | None = None,
+        max_length: int = 24,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys=True)
+        RandomizableTransform.__init__(self, prob)
+        self.flip = Flipd(keys, spatial_axis=spatial_axis, allow_missing_keys=True)
+        self.report_key = report_key
+        self.tokenize = TokenizeReport(tokenizer_dir, max_length)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        self.randomize(None)
+        d = dict(data)
+        if not self._do_transform:
+            return d
+        d = dict(self.flip(d))
+        text = d.get(self.report_key)
+        if isinstance(text, str) and text.strip():
+            d[self.report_key] = swap_sides(text)
+            ids, mask = self.tokenize(d[self.report_key])
+            d[f"{self.report_key}_ids"], d[f"{self.report_key}_mask"] = ids, mask
         return d
 
 

@@ -50,3 +50,37 @@ def test_missing_report_allowed_means_no_report_and_collates():
     assert without["report"] == "" and not without["report_mask"].any()
     batch = list_data_collate([with_report, without])
     assert batch["report_ids"].shape == (2, 24) and batch["report_mask"][1].sum() == 0
+
+
+def test_swap_sides_keeps_case_and_leaves_other_words():
+    from scripts.transforms import swap_sides
+
+    text = "Bilateral: lower LEFT lung and Right base; leftover cleft rt. side"
+    assert swap_sides(text) == "Bilateral: lower RIGHT lung and Left base; leftover cleft lt. side"
+    assert swap_sides(swap_sides(text)) == text
+
+
+def test_side_flip_moves_the_lesion_and_swaps_the_report(tmp_path):
+    import numpy as np
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+    from PIL import Image
+
+    from scripts.transforms import RandSideFlipd, TokenizeReport
+
+    image = np.zeros((20, 30), np.uint8)
+    image[5:10, 2:8] = 255  # a lesion in the image's left half (columns < 15)
+    Image.fromarray(image).save(tmp_path / "i.png")
+    Image.fromarray(image).save(tmp_path / "m.png")
+    load = Compose([LoadImaged(["image", "label"], reader="PILReader"), EnsureChannelFirstd(["image", "label"])])
+    tok = TokenizeReportd(keys="report")
+    d = tok(load({"image": str(tmp_path / "i.png"), "label": str(tmp_path / "m.png"), "report": "lower left lung."}))
+    flipped = RandSideFlipd(prob=1.0)(d)
+    # MONAI readers put the image column first: the left half is the first half of spatial axis 0
+    assert d["image"][0, :15].sum() > 0 and d["image"][0, 15:].sum() == 0
+    assert flipped["image"][0, 15:].sum() > 0 and flipped["image"][0, :15].sum() == 0
+    assert flipped["label"][0, 15:].sum() > 0
+    assert flipped["report"] == "lower right lung."
+    expected_ids, _ = TokenizeReport()("lower right lung.")
+    assert torch.equal(flipped["report_ids"], expected_ids)
+    unchanged = RandSideFlipd(prob=0.0)(d)
+    assert unchanged["report"] == "lower left lung." and torch.equal(unchanged["image"], d["image"])
