@@ -10,7 +10,7 @@ from monai.data import load_decathlon_datalist
 
 __all__ = ["inference_datalist"]
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".dcm")
 
 
 def inference_datalist(dataset_dir: str | os.PathLike, datalist: str | os.PathLike | None, split: str) -> list[dict]:

@@ -106,3 +106,19 @@ def test_verify_net_in_out_with_the_image_alone(tmp_path):
         net_id="network_def", meta_file=config("metadata.json"), config_file=config("inference.yaml"),
         bundle_root=str(tmp_path), n=1, device="cpu",
     )
+
+
+def test_inference_on_a_dicom_radiograph_keeps_its_spacing(trained, tmp_path):
+    from test_dicom import make_dx
+
+    root, _ = trained
+    data = tmp_path / "dicom"
+    data.mkdir()
+    pixels = np.full((96, 80), 3000)
+    pixels[20:40, 10:30] = 500
+    make_dx(data / "cxr.dcm", pixels, mono1=True, spacing=(0.3, 0.2))
+    out = tmp_path / "out"
+    _infer(root, data, out)
+    seg = nib.load(out / "cxr_seg.nii.gz")
+    assert seg.shape[:2] == (80, 96)  # columns first, as MONAI reads every format
+    np.testing.assert_allclose(np.diag(seg.affine)[:2], [0.2, 0.3], atol=1e-6)
