@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import unicodedata
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,22 @@ class TokenizeReport(Transform):
     Args:
         tokenizer_dir: local Hugging Face model directory; None uses the bundled MiniLM.
         max_length: tokens per report after padding/truncation (24, the setting of the published methods).
+        lowercase: lower-case the text first (uncased tokenizers such as MiniLM's do it anyway).
+        unicode_form: Unicode normalisation applied first (``"NFKC"`` folds full-width letters, ligatures and
+            non-breaking spaces); None keeps the text as it is. Runs of white space always become one space.
     """
 
-    def __init__(self, tokenizer_dir: str | os.PathLike | None = None, max_length: int = 24) -> None:
+    def __init__(
+        self,
+        tokenizer_dir: str | os.PathLike | None = None,
+        max_length: int = 24,
+        lowercase: bool = False,
+        unicode_form: str | None = "NFKC",
+    ) -> None:
         self.tokenizer_dir = resolve_text_encoder_dir(tokenizer_dir)
         self.max_length = int(max_length)
+        self.lowercase = lowercase
+        self.unicode_form = unicode_form
         self._tokenizer = None  # loaded on first use, so the transform pickles cheaply into workers
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -53,12 +65,19 @@ class TokenizeReport(Transform):
             self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir, use_fast=True)
         return self._tokenizer
 
+    def normalise(self, text: str) -> str:
+        """The text as it is tokenised: Unicode-normalised, white space collapsed, optionally lower-cased."""
+        if self.unicode_form:
+            text = unicodedata.normalize(self.unicode_form, text)
+        text = " ".join(text.split())
+        return text.lower() if self.lowercase else text
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tokenizer": None}
 
     def __call__(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(ids, mask)``, both int64 tensors of length ``max_length``."""
-        text = text.strip()
+        text = self.normalise(text)
         if text not in self._cache:
             if text:
                 enc = self._tok()(
@@ -79,7 +98,7 @@ class TokenizeReportd(MapTransform):
 
     Args:
         keys: the report text key(s), usually ``"report"``.
-        tokenizer_dir, max_length: see :class:`TokenizeReport`.
+        tokenizer_dir, max_length, lowercase, unicode_form: see :class:`TokenizeReport`.
         allow_missing_report: when True, a missing, None or empty report becomes "no report" (inference,
             MONAI Label); when False it raises an error naming the sample's image (training and evaluation data
             must carry their reports).
@@ -94,9 +113,11 @@ class TokenizeReportd(MapTransform):
         allow_missing_report: bool = False,
         ids_suffix: str = "_ids",
         mask_suffix: str = "_mask",
+        lowercase: bool = False,
+        unicode_form: str | None = "NFKC",
     ) -> None:
         super().__init__(keys, allow_missing_keys=True)
-        self.tokenize = TokenizeReport(tokenizer_dir, max_length)
+        self.tokenize = TokenizeReport(tokenizer_dir, max_length, lowercase, unicode_form)
         self.allow_missing_report = allow_missing_report
         self.ids_suffix, self.mask_suffix = ids_suffix, mask_suffix
 
@@ -180,7 +201,7 @@ class RandSideFlipd(RandomizableTransform, MapTransform):
         prob: flip probability.
         spatial_axis: the image's left–right axis. 0 for images read by MONAI's readers (the first spatial axis
             is the column, x), which is every format this bundle loads.
-        tokenizer_dir, max_length: as given to :class:`TokenizeReportd`.
+        tokenizer_dir, max_length, lowercase, unicode_form: as given to :class:`TokenizeReportd`.
     """
 
     def __init__(
@@ -191,12 +212,14 @@ class RandSideFlipd(RandomizableTransform, MapTransform):
         spatial_axis: int = 0,
         tokenizer_dir: str | os.PathLike | None = None,
         max_length: int = 24,
+        lowercase: bool = False,
+        unicode_form: str | None = "NFKC",
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys=True)
         RandomizableTransform.__init__(self, prob)
         self.flip = Flipd(keys, spatial_axis=spatial_axis, allow_missing_keys=True)
         self.report_key = report_key
-        self.tokenize = TokenizeReport(tokenizer_dir, max_length)
+        self.tokenize = TokenizeReport(tokenizer_dir, max_length, lowercase, unicode_form)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         self.randomize(None)

@@ -84,3 +84,12 @@ def test_side_flip_moves_the_lesion_and_swaps_the_report(tmp_path):
     assert torch.equal(flipped["report_ids"], expected_ids)
     unchanged = RandSideFlipd(prob=0.0)(d)
     assert unchanged["report"] == "lower left lung." and torch.equal(unchanged["image"], d["image"])
+
+
+def test_text_normalisation_options():
+    t = TokenizeReport(max_length=16, lowercase=True)
+    assert t.normalise("  Lower\u00a0LEFT   lung\uff0e ") == "lower left lung."  # NBSP, full-width stop
+    assert torch.equal(t("Lower  LEFT lung.")[0], t("lower left lung.")[0])
+    raw = TokenizeReport(max_length=16, unicode_form=None)
+    assert raw.normalise("left\u00a0lung") == "left lung"  # white space still collapsed (NBSP is white space)
+    assert raw.normalise("ﬁbrosis") == "ﬁbrosis" and t.normalise("ﬁbrosis") == "fibrosis"
