@@ -6,13 +6,14 @@ import logging
 import os
 import re
 import unicodedata
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.utils import ensure_tuple_rep
 from monai.transforms import Flipd, MapTransform, RandomizableTransform, SaveImage, Transform
 
 from scripts.text import resolve_text_encoder_dir
@@ -24,6 +25,8 @@ __all__ = [
     "RandSideFlipd",
     "swap_sides",
     "SaveMaskLikeInputd",
+    "ToChannels",
+    "ToChannelsd",
 ]
 
 logger = logging.getLogger(__name__)
@@ -244,6 +247,55 @@ def _sample_name(d: Mapping) -> str:
         if meta and "filename_or_obj" in meta:
             return str(meta["filename_or_obj"])
     return "<unnamed>"
+
+
+class ToChannels(Transform):
+    """Bring a channel-first image to the number of channels the network takes.
+
+    RGB(A) → 1: ITU-R BT.601 luminance (alpha dropped); 1 → 3: repeated; RGBA → 3: alpha dropped. Grayscale PNGs,
+    RGB exports of radiographs and RGB pathology tiles then all fit one configured ``in_channels``.
+
+    Args:
+        channels: 1 or 3.
+    """
+
+    _LUMA = (0.299, 0.587, 0.114)
+
+    def __init__(self, channels: int = 1) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.channels = channels
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        c = img.shape[0]
+        if c == self.channels:
+            return img
+        if c == 4:
+            img, c = img[:3], 3
+        if c == 3 and self.channels == 1:
+            weights = torch.as_tensor(self._LUMA, dtype=img.dtype if img.is_floating_point() else torch.float32)
+            return (img * weights.view(3, *([1] * (img.ndim - 1)))).sum(dim=0, keepdim=True)
+        if c == 3:
+            return img
+        if c == 1:
+            return img.repeat(self.channels, *([1] * (img.ndim - 1)))
+        raise ValueError(f"cannot bring a {c}-channel image to {self.channels} channels")
+
+
+class ToChannelsd(MapTransform):
+    """Dictionary wrapper of :class:`ToChannels`; ``channels`` may give one count per key."""
+
+    def __init__(
+        self, keys: KeysCollection, channels: int | Sequence[int] = 1, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.converters = [ToChannels(int(c)) for c in ensure_tuple_rep(channels, len(self.keys))]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, converter in self.key_iterator(d, self.converters):
+            d[key] = converter(d[key])
+        return d
 
 
 class SaveMaskLikeInputd(MapTransform):

@@ -93,3 +93,17 @@ def test_text_normalisation_options():
     raw = TokenizeReport(max_length=16, unicode_form=None)
     assert raw.normalise("left\u00a0lung") == "left lung"  # white space still collapsed (NBSP is white space)
     assert raw.normalise("ﬁbrosis") == "ﬁbrosis" and t.normalise("ﬁbrosis") == "fibrosis"
+
+
+def test_channels_follow_the_network():
+    from scripts.transforms import ToChannels, ToChannelsd
+
+    rgb = torch.rand(3, 8, 6)
+    gray = ToChannels(1)(rgb)
+    assert gray.shape == (1, 8, 6)
+    torch.testing.assert_close(gray[0], 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])
+    assert ToChannels(3)(gray).shape == (3, 8, 6) and ToChannels(1)(torch.rand(4, 8, 6)).shape == (1, 8, 6)
+    d = ToChannelsd(["image", "label"], channels=[3, 1])({"image": gray, "label": torch.rand(3, 8, 6)})
+    assert d["image"].shape[0] == 3 and d["label"].shape[0] == 1
+    with pytest.raises(ValueError, match="2-channel"):
+        ToChannels(1)(torch.rand(2, 4, 4))
