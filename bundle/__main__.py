@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--size", type=int, default=224, help="image side in pixels")
     demo.set_defaults(func=_demo_data)
 
-    dl = sub.add_parser("datalist", help="index a data set (folder, lvit or csv layout) into a datalist JSON")
-    dl.add_argument("layout", choices=["folder", "lvit", "csv"])
+    dl = sub.add_parser("datalist", help="index a data set (folder, lvit, csv or pacs layout) into a datalist JSON")
+    dl.add_argument("layout", choices=["folder", "lvit", "csv", "pacs"])
     dl.add_argument("--root", required=True, help="the data folder (the CSV file for the csv layout)")
     dl.add_argument("--out", help="datalist file (default: datalist.json in the data folder)")
     dl.add_argument("--skip-bad", action="store_true", help="skip, log and count bad entries instead of failing")

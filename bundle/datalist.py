@@ -12,6 +12,10 @@ Layouts:
   name) and ``Description``, as LViT, RecLMIS and their users keep data.
 - ``csv``: one CSV with image, mask and report columns (names are options; GuideDecoder's prompt files are one
   case), paths relative to the CSV's folder.
+- ``pacs``: a folder tree exported from a PACS (any nesting, meaningless file names): every DICOM file is indexed
+  with pydicom and grouped by SeriesInstanceUID, one entry per series (a single file, or the series' file list —
+  never a folder, which could mix series). The report is a ``.txt`` in the series' folder or a parent folder up
+  to the root, else the text of a DICOM SR of the same study, else absent. No masks: an inference datalist.
 
 Every problem names the file and what is wrong; with ``skip_bad`` the entry is skipped, logged and counted.
 """
@@ -242,7 +246,84 @@ def _csv_layout(
         yield None, entry
 
 
-LAYOUTS = ("folder", "lvit", "csv")
+_SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # structured report SOP classes
+
+
+def _sr_text(ds) -> str:
+    """The TEXT content items of a DICOM SR, in document order."""
+    texts, stack = [], list(getattr(ds, "ContentSequence", []))[::-1]
+    while stack:
+        item = stack.pop()
+        if getattr(item, "ValueType", "") == "TEXT" and getattr(item, "TextValue", ""):
+            texts.append(str(item.TextValue))
+        stack.extend(list(getattr(item, "ContentSequence", []))[::-1])
+    return " ".join(texts)
+
+
+def _report_beside(folder: Path, root: Path, encoding_errors: str) -> str | None:
+    for candidate in (folder, *folder.parents):
+        texts = sorted(candidate.glob("*.txt"))
+        if len(texts) > 1:
+            raise DatalistError(f"{candidate}: {len(texts)} report files ({texts[0].name}, {texts[1].name}, ...)")
+        if texts:
+            return read_report(texts[0], encoding_errors)
+        if candidate == root:
+            break
+    return None
+
+
+def _pacs_layout(root: Path, encoding_errors: str) -> Iterable[tuple[str | None, Callable[[], dict]]]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if not root.is_dir():
+        raise DatalistError(f"{root}: no such folder")
+    series: dict[str, list[tuple[Path, object]]] = {}
+    sr_reports: dict[str, list[str]] = {}
+    broken: list[tuple[Path, str]] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() != ".txt"):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except InvalidDicomError:
+            if path.suffix.lower() in (".dcm", ".dicom"):
+                broken.append((path, "unreadable or corrupt DICOM file"))
+            continue  # not DICOM at all: other files of an export (viewers, indexes) are ignored
+        except (OSError, ValueError, EOFError) as e:
+            broken.append((path, f"unreadable or corrupt DICOM file ({e})"))
+            continue
+        if str(ds.get("SOPClassUID", "")).startswith(_SR_PREFIX):
+            text = _sr_text(ds)
+            if text.strip():
+                sr_reports.setdefault(str(ds.StudyInstanceUID), []).append(text)
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if not uid:
+            broken.append((path, "DICOM file without SeriesInstanceUID"))
+            continue
+        series.setdefault(uid, []).append((path, ds))
+    for path, reason in broken:
+
+        def fail(path: Path = path, reason: str = reason) -> dict:
+            raise DatalistError(f"{path}: {reason}")
+
+        yield None, fail
+    for uid, files in sorted(series.items()):
+
+        def entry(uid: str = uid, files: list = files) -> dict:
+            files = sorted(files, key=lambda f: (int(f[1].get("InstanceNumber", 0) or 0), str(f[0])))
+            first = files[0][1]
+            report = _report_beside(files[0][0].parent, root, encoding_errors)
+            if report is None and str(first.get("StudyInstanceUID", "")) in sr_reports:
+                report = _normalise(" ".join(sr_reports[str(first.StudyInstanceUID)]), f"{files[0][0]} (SR)")
+            image = str(files[0][0]) if len(files) == 1 else [str(f) for f, _ in files]
+            out = {"id": uid, "image": image, "study": str(first.get("StudyInstanceUID", "")),
+                   "modality": str(first.get("Modality", ""))}
+            return out | ({"report": report} if report else {})
+
+        yield "test", entry
+
+
+LAYOUTS = ("folder", "lvit", "csv", "pacs")
 
 
 def build_datalist(
@@ -272,6 +353,8 @@ def build_datalist(
         items = _lvit_layout(root, encoding_errors)
     elif layout == "csv":
         items = _csv_layout(root, encoding_errors, image_column, mask_column, report_column)
+    elif layout == "pacs":
+        items = _pacs_layout(root, encoding_errors)
     else:
         raise DatalistError(f"{root}: unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     result, unsplit, seen = Datalist(), [], {}
@@ -287,7 +370,7 @@ def build_datalist(
             path, _, reason = str(e).partition(": ")
             result.skipped.append((path, reason))
             continue
-        seen[entry["id"]] = entry["image"]
+        seen[entry["id"]] = entry["image"] if isinstance(entry["image"], str) else entry["image"][0]
         (result.splits[split] if split else unsplit).append(entry)
     if unsplit:
         random.Random(seed).shuffle(unsplit)
@@ -303,7 +386,9 @@ def write_datalist(datalist: Datalist, out: str | os.PathLike) -> Path:
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def rel(p: str) -> str:
+    def rel(p: str | list) -> str | list:
+        if isinstance(p, list):
+            return [rel(x) for x in p]
         path = Path(p).resolve()
         return str(path.relative_to(out.parent)) if path.is_relative_to(out.parent) else str(path)
 

@@ -142,3 +142,54 @@ def test_unknown_layout_and_cli_exit_code(tmp_path):
         cwd=BUNDLE_ROOT, capture_output=True, text=True,
     )
     assert proc.returncode == 0 and "training:" in proc.stdout and (root / "datalist.json").is_file()
+
+
+def _sr(path, study_uid, text):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = BasicTextSRStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = BasicTextSRStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study_uid, generate_uid(), "SR"
+    finding = Dataset()
+    finding.ValueType, finding.TextValue = "TEXT", text
+    container = Dataset()
+    container.ValueType, container.ContentSequence = "CONTAINER", [finding]
+    ds.ValueType, ds.ContentSequence = "CONTAINER", [container]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_pacs_export_one_entry_per_series_with_reports(tmp_path):
+    from test_dicom import make_dx
+
+    root = tmp_path / "export"
+    a = make_dx(_mkdir(root / "x1" / "y7") / "0001", np.zeros((8, 8)))  # no suffix, meaningless names
+    (root / "x1" / "report.txt").write_text("Right  lower lung opacity.")
+    b = make_dx(_mkdir(root / "x2") / "IM0", np.zeros((8, 8)))
+    _sr(root / "x2" / "SR0", b.StudyInstanceUID, "left upper lung consolidation.")
+    c = make_dx(root / "x2" / "IM1", np.zeros((8, 8)))  # a second series in the same folder
+    (root / "x2" / "viewer.exe").write_bytes(b"MZ not dicom")
+    dl = build_datalist("pacs", root)
+    entries = {e["id"]: e for e in dl.splits["test"]}
+    assert set(entries) == {a.SeriesInstanceUID, b.SeriesInstanceUID, c.SeriesInstanceUID}
+    assert entries[a.SeriesInstanceUID]["report"] == "Right lower lung opacity."
+    assert entries[b.SeriesInstanceUID]["report"] == "left upper lung consolidation."
+    assert "report" not in entries[c.SeriesInstanceUID]  # another study, no report: inference without text
+    assert entries[b.SeriesInstanceUID]["image"].endswith("IM0") and entries[c.SeriesInstanceUID]["image"].endswith("IM1")
+
+    (root / "x3").mkdir()
+    (root / "x3" / "bad.dcm").write_bytes(b"\x00" * 200)
+    with pytest.raises(DatalistError, match=r"bad\.dcm: unreadable or corrupt DICOM"):
+        build_datalist("pacs", root)
+    skipped = build_datalist("pacs", root, skip_bad=True)
+    assert len(skipped.splits["test"]) == 3 and len(skipped.skipped) == 1
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
