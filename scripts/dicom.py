@@ -19,6 +19,11 @@ _DICOM_SUFFIXES = (".dcm", ".dicom")
 _UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
 
 
+class _FolderError:
+    def __init__(self, error: ValueError) -> None:
+        self.error = error
+
+
 class DicomImageReader(ImageReader):
     """MONAI image reader for single-frame DICOM files, returning display-ready 2D arrays.
 
@@ -38,7 +43,10 @@ class DicomImageReader(ImageReader):
 
     def verify_suffix(self, filename: Sequence[os.PathLike | str] | os.PathLike | str) -> bool:
         names = ensure_tuple(filename)
-        return len(names) == 1 and str(names[0]).lower().endswith(_DICOM_SUFFIXES)
+        if len(names) != 1:
+            return False
+        name = str(names[0])
+        return name.lower().endswith(_DICOM_SUFFIXES) or os.path.isdir(name)
 
     def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs: Any) -> Any:
         import pydicom
@@ -48,6 +56,13 @@ class DicomImageReader(ImageReader):
         if len(paths) != 1:
             raise ValueError(f"{paths[0]}: DicomImageReader reads one file; index a series by SeriesInstanceUID first")
         path = str(paths[0])
+        if os.path.isdir(path):
+            try:
+                path = self._single_file_of(path)
+            except ValueError as e:
+                # raised from get_data: an error in read() makes LoadImage fall back to readers that would
+                # silently pick or interleave series
+                return _FolderError(e)
         try:
             ds = pydicom.dcmread(path, **kwargs)
         except (InvalidDicomError, OSError, ValueError, EOFError) as e:
@@ -55,9 +70,38 @@ class DicomImageReader(ImageReader):
         ds.filename = path
         return ds
 
+    @staticmethod
+    def _single_file_of(folder: str) -> str:
+        """The one DICOM image file of a folder; a folder mixing series, or holding a multi-slice series, is an
+        error naming the folder (MONAI's readers would silently interleave or pick one series)."""
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        series: dict[str, list[str]] = {}
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                continue
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except (InvalidDicomError, OSError, ValueError, EOFError):
+                continue
+            series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(path)
+        if len(series) > 1:
+            raise ValueError(
+                f"{folder}: folder mixes {len(series)} DICOM series ({', '.join(sorted(series))}); "
+                "index it with `python -m bundle datalist pacs` and use one series per entry"
+            )
+        files = next(iter(series.values()), [])
+        if len(files) != 1:
+            raise ValueError(f"{folder}: {len(files)} DICOM image files; the 2D workflows read one image per entry")
+        return files[0]
+
     def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+        if isinstance(img, _FolderError):
+            raise img.error
         path = str(img.filename)
         if "PixelData" not in img:  # checked here, not in read(): LoadImage would fall back to another reader
             raise ValueError(f"{path}: DICOM file has no pixel data (SOP class {img.get('SOPClassUID', '?')})")

@@ -81,3 +81,17 @@ def test_corrupt_dicom_and_missing_pixel_data_are_named(tmp_path):
     with pytest.raises(Exception) as error:
         _load(tmp_path / "sr.dcm")
     assert "sr.dcm: DICOM file has no pixel data" in _messages(error.value)
+
+
+def test_a_folder_mixing_two_series_is_an_error_naming_it(tmp_path):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    make_dx(folder / "a", np.zeros((8, 8)))
+    make_dx(folder / "b", np.zeros((8, 8)))
+    with pytest.raises(Exception) as error:
+        _load(folder)
+    assert f"{folder}: folder mixes 2 DICOM series" in _messages(error.value)
+    single = tmp_path / "one"
+    single.mkdir()
+    make_dx(single / "x", np.zeros((8, 12)))
+    assert _load(single).shape == (1, 12, 8)
