@@ -27,6 +27,8 @@ __all__ = [
     "SaveMaskLikeInputd",
     "ToChannels",
     "ToChannelsd",
+    "SelectSlab",
+    "SelectSlabd",
 ]
 
 logger = logging.getLogger(__name__)
@@ -295,6 +297,71 @@ class ToChannelsd(MapTransform):
         d = dict(data)
         for key, converter in self.key_iterator(d, self.converters):
             d[key] = converter(d[key])
+        return d
+
+
+class SelectSlab(Transform):
+    """A 2D image from a volume (a CT series): one slice, or the mean or maximum of a slab of slices.
+
+    Channel-first input C×X×Y×Z gives C×X×Y; 2D input (C×X×Y) passes unchanged, so one chain serves radiographs
+    and series. The affine's translation moves to the slab's first slice, so outputs written back stay in place.
+
+    Args:
+        index: slice index along the last axis, or ``"middle"``.
+        thickness: slices in the slab (odd numbers centre it on ``index``).
+        reduce: ``"mean"`` or ``"max"`` (a maximum-intensity projection) over the slab.
+    """
+
+    def __init__(self, index: int | str = "middle", thickness: int = 1, reduce: str = "mean") -> None:
+        if reduce not in ("mean", "max"):
+            raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
+        if thickness < 1:
+            raise ValueError(f"thickness must be at least 1, got {thickness}")
+        self.index, self.thickness, self.reduce = index, int(thickness), reduce
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if img.ndim != 4:
+            return img
+        depth = img.shape[-1]
+        centre = depth // 2 if self.index == "middle" else int(self.index)
+        if not 0 <= centre < depth:
+            name = getattr(img, "meta", {}).get("filename_or_obj", "volume")
+            raise ValueError(f"{name}: slice {centre} requested from a series of {depth} slices")
+        start = min(max(centre - self.thickness // 2, 0), max(depth - self.thickness, 0))
+        slab = img[..., start : start + self.thickness]
+        out = slab.mean(dim=-1) if self.reduce == "mean" else slab.amax(dim=-1)
+        meta = getattr(img, "meta", None)
+        if meta is not None and "affine" in meta:
+            from monai.data import MetaTensor
+
+            affine = torch.as_tensor(meta["affine"], dtype=torch.float64).clone()
+            affine[:3, 3] += affine[:3, 2] * start
+            # writers size their output from spatial_shape: a 3D one would make the channel a spatial axis
+            out = MetaTensor(
+                out.as_tensor() if hasattr(out, "as_tensor") else out,
+                meta={**meta, "affine": affine, "spatial_shape": np.asarray(out.shape[1:])},
+            )
+        return out
+
+
+class SelectSlabd(MapTransform):
+    """Dictionary wrapper of :class:`SelectSlab` (give the image and its mask the same slab)."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        index: int | str = "middle",
+        thickness: int = 1,
+        reduce: str = "mean",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.select = SelectSlab(index, thickness, reduce)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.select(d[key])
         return d
 
 

@@ -95,3 +95,25 @@ def test_a_folder_mixing_two_series_is_an_error_naming_it(tmp_path):
     single.mkdir()
     make_dx(single / "x", np.zeros((8, 12)))
     assert _load(single).shape == (1, 12, 8)
+
+
+def test_a_slab_of_a_ct_volume_becomes_one_2d_image(tmp_path):
+    import nibabel as nib
+
+    from scripts.transforms import SelectSlab
+
+    data = np.random.default_rng(0).normal(size=(16, 12, 5)).astype(np.float32)
+    affine = np.diag([0.7, 0.7, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "ct.nii.gz")
+    load = Compose([LoadImaged("image", reader="NibabelReader"), EnsureChannelFirstd("image")])
+    volume = load({"image": str(tmp_path / "ct.nii.gz")})["image"]
+    assert volume.shape == (1, 16, 12, 5)
+    middle = SelectSlab("middle", thickness=3, reduce="mean")(volume)
+    assert middle.shape == (1, 16, 12)
+    np.testing.assert_allclose(np.asarray(middle[0]), data[..., 1:4].mean(axis=-1), rtol=1e-5, atol=1e-6)
+    mip = SelectSlab(4, thickness=3, reduce="max")(volume)  # clipped to the last three slices
+    np.testing.assert_allclose(np.asarray(mip[0]), data[..., 2:5].max(axis=-1))
+    assert float(middle.meta["affine"][2, 3]) == pytest.approx(2.5 * 1)  # moved to the slab's first slice
+    assert SelectSlab()(middle) is middle  # 2D passes unchanged
+    with pytest.raises(ValueError, match="slice 9 requested from a series of 5"):
+        SelectSlab(9)(volume)

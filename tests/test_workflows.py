@@ -122,3 +122,16 @@ def test_inference_on_a_dicom_radiograph_keeps_its_spacing(trained, tmp_path):
     seg = nib.load(out / "cxr_seg.nii.gz")
     assert seg.shape[:2] == (80, 96)  # columns first, as MONAI reads every format
     np.testing.assert_allclose(np.diag(seg.affine)[:2], [0.2, 0.3], atol=1e-6)
+
+
+def test_inference_on_a_ct_volume_segments_its_middle_slice(trained, tmp_path):
+    root, _ = trained
+    data = tmp_path / "ct"
+    data.mkdir()
+    affine = np.diag([0.8, 0.8, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(np.random.rand(40, 32, 5).astype(np.float32), affine), data / "ct.nii.gz")
+    out = tmp_path / "out"
+    _infer(root, data, out)
+    seg = nib.load(out / "ct_seg.nii.gz")
+    assert seg.shape[:2] == (40, 32)
+    assert seg.affine[2, 3] == pytest.approx(3.0 * 2)  # slice 2 of 5, where the mask belongs
