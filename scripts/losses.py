@@ -125,7 +125,7 @@ class TMCALoss(nn.Module):
         self,
         lambda_dice: float = 1.0,
         lambda_bce: float = 1.0,
-        lambda_align: float = 0.1,
+        lambda_align: float = 0.5,
         lambda_map: float = 0.1,
         level_weights: Mapping[int, float] | None = None,
         temperature: float = 0.07,
