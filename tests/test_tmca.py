@@ -176,11 +176,11 @@ def test_alignment_loss_falls_on_demo_data(demo_dir):
     loss = TMCALoss(lambda_align=1.0)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
     history = []
-    for _ in range(15):
+    for _ in range(30):
         terms = loss(net(x, ids, tmask), y)
         opt.zero_grad()
         terms["loss"].backward()
         opt.step()
         history.append(terms["loss_align"].item())
     assert math.isfinite(history[-1])
-    assert np.mean(history[-3:]) < 0.9 * np.mean(history[:3]), history
+    assert np.mean(history[-5:]) < 0.9 * np.mean(history[:5]), history
