@@ -35,6 +35,17 @@ def _datalist(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_data(args: argparse.Namespace) -> int:
+    from bundle.bench import data_pipeline_throughput, print_data_table
+
+    rows = data_pipeline_throughput(
+        args.datalist, num_samples=args.num_samples, batch_size=args.batch_size, workers=args.workers,
+        text_encoder_dir=args.text_encoder_dir,
+    )
+    print_data_table(rows)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bundle", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -59,6 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     dl.add_argument("--mask-column", default="mask", help="csv layout; empty for an inference-only datalist")
     dl.add_argument("--report-column", default="report", help="csv layout")
     dl.set_defaults(func=_datalist)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures (see docs/performance.md)")
+    bench_sub = bench.add_subparsers(dest="what", required=True)
+    bd = bench_sub.add_parser("data", help="samples/s of the training input pipeline against a plain PNG load")
+    bd.add_argument("--datalist", required=True, help="a datalist JSON with a training list (e.g. of QaTa)")
+    bd.add_argument("--num-samples", type=int, default=800)
+    bd.add_argument("--batch-size", type=int, default=8)
+    bd.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    bd.add_argument("--text-encoder-dir", default=None, help="tokenizer folder (default: the packaged MiniLM)")
+    bd.set_defaults(func=_bench_data)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)

@@ -376,15 +376,23 @@ class SaveMaskLikeInputd(MapTransform):
         output_dir: destination folder.
         output_postfix: appended to the input's file name stem.
         ref_key: key of the input image whose file name decides the format.
+        id_key: key of the entry's id; when an entry has one, the mask is named ``<id>_<postfix>`` (a DICOM series'
+            files have meaningless names, its id is the SeriesInstanceUID), else after the input file.
     """
 
     _PNG_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
     def __init__(
-        self, keys: KeysCollection, output_dir: str | os.PathLike, output_postfix: str = "seg", ref_key: str = "image"
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike,
+        output_postfix: str = "seg",
+        ref_key: str = "image",
+        id_key: str | None = "id",
     ) -> None:
         super().__init__(keys)
-        self.ref_key = ref_key
+        self.ref_key, self.id_key = ref_key, id_key
+        self.output_dir, self.output_postfix = Path(output_dir), output_postfix
         common = {"output_dir": str(output_dir), "output_postfix": output_postfix, "separate_folder": False}
         self.png = SaveImage(output_ext=".png", output_dtype=np.uint8, scale=255, resample=False, **common)
         self.nifti = SaveImage(output_ext=".nii.gz", output_dtype=np.uint8, resample=False, **common)
@@ -393,6 +401,11 @@ class SaveMaskLikeInputd(MapTransform):
         d = dict(data)
         source = str(getattr(d.get(self.ref_key), "meta", {}).get("filename_or_obj", ""))
         writer = self.png if Path(source).suffix.lower() in self._PNG_SUFFIXES else self.nifti
+        name = None
+        if self.id_key is not None and d.get(self.id_key):
+            stem = re.sub(r"[^\w.-]", "_", str(d[self.id_key]))
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            name = str(self.output_dir / f"{stem}_{self.output_postfix}")
         for key in self.key_iterator(d):
-            writer(d[key])
+            writer(d[key], filename=name)
         return d

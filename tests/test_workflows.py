@@ -135,3 +135,30 @@ def test_inference_on_a_ct_volume_segments_its_middle_slice(trained, tmp_path):
     seg = nib.load(out / "ct_seg.nii.gz")
     assert seg.shape[:2] == (40, 32)
     assert seg.affine[2, 3] == pytest.approx(3.0 * 2)  # slice 2 of 5, where the mask belongs
+
+
+def test_inference_on_a_pacs_export_segments_each_series_in_place(trained, tmp_path):
+    """A PACS export (nested folders, meaningless names): a CT series of 6 slices and a radiograph with a report
+    beside it -> `datalist pacs` -> inference writes one mask per series, named by SeriesInstanceUID; the CT mask
+    lies on the series' middle slice in patient space."""
+    from monai.data import ITKReader
+    from monai.transforms import LoadImage
+    from test_dicom import make_ct_series, make_dx
+
+    from bundle.datalist import build_datalist, write_datalist
+
+    root, _ = trained
+    export = tmp_path / "export"
+    ct_uid = make_ct_series(export / "a" / "b", n=6, gap=2.0, orientation=(0.8660254, 0.5, 0, -0.5, 0.8660254, 0))
+    (export / "c").mkdir()
+    dx = make_dx(export / "c" / "1", np.full((96, 80), 3000), mono1=True, spacing=(0.3, 0.2))
+    (export / "c" / "report.txt").write_text("left lower lung opacity.")
+    write_datalist(build_datalist("pacs", export), export / "datalist.json")
+    out = tmp_path / "out"
+    _infer(root, export, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{ct_uid}_seg.nii.gz", f"{dx.SeriesInstanceUID}_seg.nii.gz"])
+    seg = nib.load(out / f"{ct_uid}_seg.nii.gz")
+    assert seg.shape[:2] == (128, 128)
+    volume_affine = np.asarray(LoadImage(reader=ITKReader(), image_only=True)(str(export / "a" / "b")).affine)
+    np.testing.assert_allclose(seg.affine[:3, 3], (volume_affine @ [0, 0, 3, 1])[:3], atol=1e-3)  # slice 3 of 0-5
+    np.testing.assert_allclose(seg.affine[:3, :2], volume_affine[:3, :2], atol=1e-4)

@@ -1,0 +1,34 @@
+"""The benchmark commands run and report what they measured (figures themselves are not asserted: machines vary)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import BUNDLE_ROOT
+
+from bundle.bench import data_pipeline_throughput, samples_per_second
+
+
+def test_samples_per_second_skips_warmup_batches():
+    batches = [{"image": [0] * 4}] * 5
+    rate, n = samples_per_second(batches, warmup_batches=2)
+    assert n == 12 and rate > 0
+
+
+def test_data_bench_measures_the_three_regimes_of_the_train_config(demo_dir):
+    rows = data_pipeline_throughput(demo_dir / "datalist.json", num_samples=24, batch_size=4, workers=[0],
+                                    log=lambda _: None)
+    assert [r["regime"] for r in rows] == ["plain load", "full pipeline", "cached pipeline"]
+    n_train = len(json.loads((demo_dir / "datalist.json").read_text())["training"])
+    timed = 4 * ((n_train + 3) // 4 - 2) - (-n_train % 4)  # all batches but the 2 of warm-up
+    assert all(r["samples"] == timed and r["samples_per_s"] > 0 for r in rows)
+
+
+def test_bench_data_command_prints_the_table(demo_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bundle", "bench", "data", "--datalist", str(demo_dir / "datalist.json"),
+         "--num-samples", "24", "--batch-size", "4", "--workers", "0"],
+        cwd=BUNDLE_ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| full pipeline | 0 |" in proc.stdout and "vs plain PNG load" in proc.stdout
