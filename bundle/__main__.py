@@ -46,6 +46,15 @@ def _bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_model(args: argparse.Namespace) -> int:
+    from bundle.bench import network_costs, print_network_table
+
+    rows = network_costs(args.networks, size=args.size, batch_sizes=tuple(args.batch_sizes),
+                         train_batch=args.train_batch, repeats=args.repeats, warmup=args.warmup, device=args.device)
+    print_network_table(rows)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bundle", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -80,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     bd.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     bd.add_argument("--text-encoder-dir", default=None, help="tokenizer folder (default: the packaged MiniLM)")
     bd.set_defaults(func=_bench_data)
+    bm = bench_sub.add_parser("model", help="parameters, FLOPs, step time, latency and peak memory per network")
+    bm.add_argument("--networks", nargs="+", default=["tmca", "tmca_image_only", "unet"],
+                    help="names of configs/networks/*.yaml; ratios are against the first")
+    bm.add_argument("--size", type=int, default=224)
+    bm.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="inference batch sizes")
+    bm.add_argument("--train-batch", type=int, default=8)
+    bm.add_argument("--repeats", type=int, default=10)
+    bm.add_argument("--warmup", type=int, default=3)
+    bm.add_argument("--device", default="cpu")
+    bm.set_defaults(func=_bench_model)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)

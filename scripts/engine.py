@@ -38,11 +38,12 @@ class ReportPrepareBatch(PrepareBatch):
 
     Args:
         text_keys: network keyword → batch key, by default ``text_ids ← report_ids`` and
-            ``text_mask ← report_mask``.
+            ``text_mask ← report_mask``; ``{}`` for image-only networks such as MONAI's ``UNet``.
     """
 
     def __init__(self, text_keys: Mapping[str, str] | None = None) -> None:
-        self.text_keys = dict(text_keys or {"text_ids": "report_ids", "text_mask": "report_mask"})
+        default = {"text_ids": "report_ids", "text_mask": "report_mask"}
+        self.text_keys = dict(default if text_keys is None else text_keys)
 
     def __call__(
         self,

@@ -32,3 +32,27 @@ def test_bench_data_command_prints_the_table(demo_dir):
     )
     assert proc.returncode == 0, proc.stderr
     assert "| full pipeline | 0 |" in proc.stdout and "vs plain PNG load" in proc.stdout
+
+
+def test_network_cost_counts_what_the_config_builds():
+    from bundle.bench import network_cost, network_parser
+
+    row = network_cost("unet", size=64, batch_sizes=(1, 2), train_batch=2, repeats=1, warmup=0)
+    net = network_parser("unet").get_parsed_content("network_def")
+    assert row["params_total"] == sum(p.numel() for p in net.parameters()) and not row["reads_text"]
+    assert row["gflops"] > 0 and row["step_s"] > 0 and set(row["latency_s"]) == {1, 2}
+    text = network_cost("tmca", size=64, batch_sizes=(1,), train_batch=2, repeats=1, warmup=0)
+    assert text["reads_text"] and text["params_trainable"] < text["params_total"]  # the text encoder is frozen
+
+
+def test_bench_model_command_prints_one_row_per_network():
+    proc = subprocess.run(
+        [sys.executable, "-m", "bundle", "bench", "model", "--networks", "tmca_image_only", "unet", "--size", "64",
+         "--batch-sizes", "1", "--train-batch", "2", "--repeats", "1", "--warmup", "0"],
+        cwd=BUNDLE_ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| tmca_image_only (TMCA) | no |" in proc.stdout and "| unet (UNet) | no |" in proc.stdout
+    unknown = subprocess.run([sys.executable, "-m", "bundle", "bench", "model", "--networks", "nope"],
+                             cwd=BUNDLE_ROOT, capture_output=True, text=True)
+    assert unknown.returncode != 0 and "no network config" in unknown.stderr

@@ -165,3 +165,13 @@ def test_inference_on_a_pacs_export_segments_each_series_in_place(trained, tmp_p
     volume_affine = np.asarray(LoadImage(reader=ITKReader(), image_only=True)(str(export / "a" / "b")).affine)
     np.testing.assert_allclose(seg.affine[:3, 3], (volume_affine @ [0, 0, 3, 1])[:3], atol=1e-3)  # slice 3 of 0-5
     np.testing.assert_allclose(seg.affine[:3, :2], volume_affine[:3, :2], atol=1e-4)
+
+
+@pytest.mark.parametrize("network", ["unet", "tmca_image_only"])
+def test_a_network_config_on_top_of_train_yaml_trains(network, demo_dir, tmp_path):
+    wf = _workflow([config("train.yaml"), config(f"networks/{network}.yaml")], "train", tmp_path, demo_dir, **FAST)
+    wf.run()
+    wf.finalize()
+    assert (tmp_path / "models" / "model.pt").is_file()
+    expected = {"unet": "UNet", "tmca_image_only": "TMCA"}[network]
+    assert type(wf.parser.get_parsed_content("network_def")).__name__ == expected
