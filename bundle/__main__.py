@@ -49,8 +49,18 @@ def _bench_data(args: argparse.Namespace) -> int:
 def _bench_model(args: argparse.Namespace) -> int:
     from bundle.bench import network_costs, print_network_table
 
+    import json
+
+    overrides = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     rows = network_costs(args.networks, size=args.size, batch_sizes=tuple(args.batch_sizes),
-                         train_batch=args.train_batch, repeats=args.repeats, warmup=args.warmup, device=args.device)
+                         train_batch=args.train_batch, repeats=args.repeats, warmup=args.warmup, device=args.device,
+                         overrides=overrides)
     print_network_table(rows)
     return 0
 
@@ -98,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     bm.add_argument("--repeats", type=int, default=10)
     bm.add_argument("--warmup", type=int, default=3)
     bm.add_argument("--device", default="cpu")
+    bm.add_argument("--set", nargs="+", metavar="ID=VALUE",
+                    help="config overrides for every network, e.g. image_encoder_size=tiny (values as JSON or text)")
     bm.set_defaults(func=_bench_model)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -159,6 +159,7 @@ def network_cost(
     repeats: int = 10,
     warmup: int = 3,
     device: str = "cpu",
+    overrides: dict | None = None,
 ) -> dict:
     """Parameters, FLOPs, training step time, inference latency and peak memory of one network of the bundle, as
     its config builds it (``configs/networks/<network>.yaml`` on ``train.yaml``), on random size×size images.
@@ -176,7 +177,7 @@ def network_cost(
 
     from scripts.transforms import TokenizeReport
 
-    parser = network_parser(network, {"device": f"$torch.device('{device}')"})
+    parser = network_parser(network, {"device": f"$torch.device('{device}')", **(overrides or {})})
     dev = torch.device(device)
     net = parser.get_parsed_content("network")
     loss_fn = parser.get_parsed_content("loss")
@@ -229,7 +230,7 @@ def network_cost(
     return {
         "network": network, "class": type(net).__name__, "reads_text": reads_text, "params_total": total,
         "params_trainable": trainable, "gflops": flops / 1e9, "step_s": step_s, "train_batch": train_batch,
-        "latency_s": latency, "peak_mb": peak_mb, "size": size, "device": device,
+        "latency_s": latency, "peak_mb": peak_mb, "size": size, "device": device, "overrides": overrides or {},
     }
 
 
@@ -261,6 +262,7 @@ def print_network_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|" + "---|" * len(bs) + "---|---|")
     for r in rows:
         lat = " | ".join(f"{r['latency_s'][b] * 1e3:.1f}" for b in bs)
-        print(f"| {r['network']} ({r['class']}) | {'yes' if r['reads_text'] else 'no'} | "
+        settings = "".join(f", {k}={v}" for k, v in r["overrides"].items())
+        print(f"| {r['network']} ({r['class']}{settings}) | {'yes' if r['reads_text'] else 'no'} | "
               f"{r['params_total'] / 1e6:.2f} / {r['params_trainable'] / 1e6:.2f} | {r['gflops']:.2f} | "
               f"{r['step_s']:.3f} | {lat} | {r['peak_mb']:.0f} | {r['step_s'] / base['step_s']:.2f}× |")
