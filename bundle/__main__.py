@@ -65,6 +65,16 @@ def _bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zones_check(args: argparse.Namespace) -> int:
+    from bundle.zones_check import ground_truth_consistency
+
+    r = ground_truth_consistency(args.datalist, args.split, left_is_image_left=not args.radiological)
+    print(f"{r['split']}: {r['images']} masks with a located report ({r['no_location']} reports name no zone)")
+    for key in ("outside_named", "missed_zones"):
+        print(f"ground truth {key}: mean {r[key]['mean']:.4f}, median {r[key]['median']:.4f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bundle", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -111,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     bm.add_argument("--set", nargs="+", metavar="ID=VALUE",
                     help="config overrides for every network, e.g. image_encoder_size=tiny (values as JSON or text)")
     bm.set_defaults(func=_bench_model)
+    zc = sub.add_parser("zones-check", help="report consistency of the ground-truth masks (the zone grid's fit)")
+    zc.add_argument("--datalist", required=True)
+    zc.add_argument("--split", default="validation")
+    zc.add_argument("--radiological", action="store_true", help="reports use the patient's left (image right)")
+    zc.set_defaults(func=_zones_check)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)

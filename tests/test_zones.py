@@ -147,3 +147,15 @@ def test_qata_ground_truth_stays_mostly_in_the_named_zones():
                                   torch.as_tensor(zone_map(report_zones((root / "reports" / f"{i}.txt").read_text()),
                                                            (224, 224)))[None, None])[0].item() for i in ids]
     assert np.median(flipped) > np.median(outside) + 0.1  # a left-right mix-up is caught
+
+
+def test_zones_check_on_demo_data(demo_dir):
+    from bundle.zones_check import ground_truth_consistency
+
+    r = ground_truth_consistency(demo_dir / "datalist.json", "training")
+    n = len(json.loads((demo_dir / "datalist.json").read_text())["training"])
+    assert r["images"] + r["no_location"] == n
+    # the demo masks mark the opacities the report names: every named zone is hit, little lies outside
+    assert r["missed_zones"]["mean"] == 0.0 and r["outside_named"]["median"] < 0.3
+    flipped = ground_truth_consistency(demo_dir / "datalist.json", "training", left_is_image_left=False)
+    assert flipped["missed_zones"]["mean"] > 0.5 and flipped["outside_named"]["median"] > 0.5
