@@ -26,11 +26,13 @@ $(DEMO_DIR)/datalist.json: | $(STAMP)
 
 demo-data: $(DEMO_DIR)/datalist.json
 
+# the demo model goes to eval/demo_models: models/model.pt is the shipped QaTa-COV19 model
 train: $(STAMP) $(DEMO_DIR)/datalist.json
-	$(PY) -m monai.bundle run training --meta_file configs/metadata.json --config_file configs/train.yaml --bundle_root .
+	$(PY) -m monai.bundle run training --meta_file configs/metadata.json --config_file configs/train.yaml --bundle_root . \
+		--ckpt_dir eval/demo_models
 
 test: $(STAMP)
 	$(PY) -m pytest tests -ra
 
 clean:
-	rm -rf eval runs dist $(DEMO_DIR)
+	rm -rf eval dist $(DEMO_DIR)

@@ -175,3 +175,29 @@ def test_a_network_config_on_top_of_train_yaml_trains(network, demo_dir, tmp_pat
     assert (tmp_path / "models" / "model.pt").is_file()
     expected = {"unet": "UNet", "tmca_image_only": "TMCA"}[network]
     assert type(wf.parser.get_parsed_content("network_def")).__name__ == expected
+
+
+def test_the_shipped_model_segments_real_chest_xrays(tmp_path):
+    """models/model.pt (TMCA trained on QaTa-COV19) through the default inference config on 16 real validation
+    images with their reports: the masks must overlap the ground truth as its validation Dice says."""
+    from conftest import BUNDLE_ROOT, SHARED_DATA
+
+    root = SHARED_DATA / "qata"
+    if not root.is_dir():
+        pytest.skip(f"shared QaTa data not found at {root}")
+    ids = json.loads((root / "split.json").read_text())["val"][::89][:16]
+    entries = [{"id": i, "image": str(root / "images" / f"{i}.png"),
+                "report": (root / "reports" / f"{i}.txt").read_text().strip()} for i in ids]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "datalist.json").write_text(json.dumps({"test": entries}))
+    out = tmp_path / "out"
+    wf = _workflow(config("inference.yaml"), "infer", BUNDLE_ROOT, data, output_dir=str(out))
+    wf.run()
+    wf.finalize()
+    dice = []
+    for i in ids:
+        pred = np.array(Image.open(out / f"{i}_seg.png")) > 0
+        truth = np.array(Image.open(root / "masks" / f"{i}.png")) > 127
+        dice.append(2 * (pred & truth).sum() / max(pred.sum() + truth.sum(), 1))
+    assert np.mean(dice) > 0.6, dice  # 0.79 over the whole validation split
