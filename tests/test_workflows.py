@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, config
+from conftest import BUNDLE_ROOT, FAST, config
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
@@ -167,14 +167,29 @@ def test_inference_on_a_pacs_export_segments_each_series_in_place(trained, tmp_p
     np.testing.assert_allclose(seg.affine[:3, :2], volume_affine[:3, :2], atol=1e-4)
 
 
-@pytest.mark.parametrize("network", ["unet", "tmca_image_only"])
+NETWORK_CONFIGS = sorted(p.stem for p in (BUNDLE_ROOT / "configs" / "networks").glob("*.yaml"))
+
+
+def test_every_network_config_is_tested():
+    assert {"tmca", "tmca_image_only", "unet", "tmca_no_alignment", "tmca_single_level", "tmca_no_target",
+            "tmca_no_enhancement"} <= set(NETWORK_CONFIGS)
+
+
+@pytest.mark.parametrize("network", NETWORK_CONFIGS)
 def test_a_network_config_on_top_of_train_yaml_trains(network, demo_dir, tmp_path):
     wf = _workflow([config("train.yaml"), config(f"networks/{network}.yaml")], "train", tmp_path, demo_dir, **FAST)
     wf.run()
     wf.finalize()
     assert (tmp_path / "models" / "model.pt").is_file()
-    expected = {"unet": "UNet", "tmca_image_only": "TMCA"}[network]
-    assert type(wf.parser.get_parsed_content("network_def")).__name__ == expected
+    net, loss = wf.parser.get_parsed_content("network_def"), wf.parser.get_parsed_content("loss")
+    assert type(net).__name__ == ("UNet" if network == "unet" else "TMCA")
+    # each ablation switches off what it names, and only that
+    if network.startswith("tmca"):
+        levels = {"tmca_no_alignment": [], "tmca_image_only": [], "tmca_single_level": [32]}.get(network, [4, 8, 16, 32])
+        assert net.use_text == (network != "tmca_image_only")
+        assert list(net.alignment_levels) == levels
+        assert net.enhancement == (network not in ("tmca_no_enhancement", "tmca_image_only"))
+        assert loss.target_sensitive == (network != "tmca_no_target")
 
 
 def test_the_shipped_model_segments_real_chest_xrays(tmp_path):
