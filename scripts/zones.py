@@ -52,11 +52,6 @@ def report_zones(text: str | None) -> np.ndarray | None:
     pending: set[int] = set()  # levels seen before their side ("lower left lung")
     pending_noun = False
     current: _Mention | None = None  # a side still taking levels after it ("left lower lobe")
-
-    def close() -> None:
-        nonlocal current
-        current = None
-
     for token in tokens:
         if token in _BREAKS or (token == "and" and pending and pending_noun):
             if pending:  # levels that never met a side name both sides ("lower zones.", "all lung and ...")
@@ -64,7 +59,7 @@ def report_zones(text: str | None) -> np.ndarray | None:
                 mention.closed_by_noun = True
                 mentions.append(mention)
             pending, pending_noun = set(), False
-            close()
+            current = None
             continue
         if token in _SIDE_WORDS:
             current = _Mention(_SIDE_WORDS[token], pending)
@@ -79,7 +74,7 @@ def report_zones(text: str | None) -> np.ndarray | None:
         if token in _NOUNS:
             if current is not None:
                 current.closed_by_noun = True
-                close()
+                current = None
             else:
                 pending_noun = True
     if pending:

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One row of docs/results.md: train a network of the bundle on QaTa-COV19 with the CPU recipe, then evaluate its
+# best checkpoint on the validation split.
+#
+#   bundle/qata.sh NAME EPOCHS [TAG] [-- extra monai.bundle overrides ...]
+#
+#   NAME    configs/networks/NAME.yaml, merged on top of configs/train.yaml
+#   EPOCHS  the budget (cosine schedule over it)
+#   TAG     the run folder runs/qata/TAG (default NAME); MLflow store runs/qata/TAG/mlruns.db, run name qata_TAG
+#
+# Resumable: rerun the same command after an interruption; a finished run is not trained again. Data:
+# QATA_DIR (default ../shared/data/qata). Threads: OMP_NUM_THREADS as usual (two runs side by side: 1 each).
+# Results: runs/qata/TAG/eval_val/metrics.json (the four Dice/IoU figures and the report consistency).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+name=${1:?network name}; epochs=${2:?epochs}; shift 2
+tag=$name
+if [[ $# -gt 0 && $1 != -- ]]; then tag=$1; shift; fi
+[[ ${1:-} == -- ]] && shift
+qata=${QATA_DIR:-../shared/data/qata}
+runs=runs/qata
+run=$runs/$tag
+py=${PYTHON:-.venv/bin/python}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1
+
+mkdir -p "$run"
+[[ -f $runs/datalist.json ]] || $py -m bundle datalist folder --root "$qata" --out "$runs/datalist.json"
+configs="['configs/train.yaml','configs/networks/$name.yaml']"
+common=(--meta_file configs/metadata.json --bundle_root . --dataset_dir "$runs" --ckpt_dir "$run/models"
+        --tracking_uri "sqlite:///$PWD/$run/mlruns.db" --num_workers 0)
+
+if [[ ! -f $run/trained ]]; then
+    resume=False
+    compgen -G "$run/models/checkpoint_*.pt" > /dev/null && resume=True
+    $py -m monai.bundle run training --config_file "$configs" "${common[@]}" --output_dir "$run" \
+        --max_epochs "$epochs" --run_name "qata_$tag" --resume $resume "$@"
+    touch "$run/trained"
+fi
+$py -m monai.bundle run evaluating --config_file "['configs/train.yaml','configs/networks/$name.yaml','configs/evaluate.yaml']" \
+    "${common[@]}" --output_dir "$run/eval_val" --run_name "qata_${tag}_eval_val" "$@"
+cat "$run/eval_val/metrics.json"
