@@ -167,6 +167,9 @@ def test_inference_on_a_pacs_export_segments_each_series_in_place(trained, tmp_p
     np.testing.assert_allclose(seg.affine[:3, :2], volume_affine[:3, :2], atol=1e-4)
 
 
+# configs/networks/<name>.yaml -> the class its network_def builds (TMCA and its ablations otherwise)
+NETWORK_CLASSES = {"unet": "UNet", "guidedecoder": "GuideDecoder", "lvit": "LViTStyle", "reclmis": "RecLMIS",
+                   "ssa": "SSA"}
 NETWORK_CONFIGS = sorted(p.stem for p in (BUNDLE_ROOT / "configs" / "networks").glob("*.yaml"))
 
 
@@ -182,7 +185,7 @@ def test_a_network_config_on_top_of_train_yaml_trains(network, demo_dir, tmp_pat
     wf.finalize()
     assert (tmp_path / "models" / "model.pt").is_file()
     net, loss = wf.parser.get_parsed_content("network_def"), wf.parser.get_parsed_content("loss")
-    assert type(net).__name__ == ("UNet" if network == "unet" else "TMCA")
+    assert type(net).__name__ == NETWORK_CLASSES.get(network, "TMCA")
     # each ablation switches off what it names, and only that
     if network.startswith("tmca"):
         levels = {"tmca_no_alignment": [], "tmca_image_only": [], "tmca_single_level": [32]}.get(network, [4, 8, 16, 32])

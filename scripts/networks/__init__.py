@@ -1,8 +1,9 @@
 """Networks of the bundle; each takes ``(image, text_ids=None, text_mask=None)`` and returns B×1×H×W logits
-(TMCA returns a dict of training outputs in ``train()`` mode, see its docstring)."""
+(some return a dict of training outputs in ``train()`` mode, for their own loss: see their docstrings)."""
 
+from scripts.networks.guidedecoder import GuideDecoder
 from scripts.networks.image_encoder import ConvNeXtEncoder
 from scripts.networks.text_unet import TextGuidedUNet
 from scripts.networks.tmca import TMCA
 
-__all__ = ["TMCA", "TextGuidedUNet", "ConvNeXtEncoder"]
+__all__ = ["TMCA", "GuideDecoder", "TextGuidedUNet", "ConvNeXtEncoder"]

@@ -8,8 +8,9 @@ The paper's abstract names three parts and nothing more; ``docs/tmca.md`` says h
 3. language-guided target enhancement: per decoder stage a text–pixel similarity map ``A`` re-weights the
    features, ``F · (1 + A)``, and ``A`` is supervised by the mask (:class:`TargetEnhancement`).
 
-On top of a GuideDecoder-style backbone: ConvNeXt encoder, frozen text encoder, guide layers (self-attention,
-gated cross-attention to the report tokens) at strides 32 → 16 → 8 → 4, UNETR up-blocks, ×4 sub-pixel head.
+On top of the GuideDecoder backbone (:class:`scripts.networks.guidedecoder.GuideDecoder`): ConvNeXt encoder, frozen
+text encoder, guide layers (self-attention, gated cross-attention to the report tokens), here at strides
+32 → 16 → 8 → 4, UNETR up-blocks, ×4 sub-pixel head.
 """
 
 from __future__ import annotations
@@ -18,16 +19,12 @@ import os
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import SubpixelUpsample, UnetrUpBlock
 from torch import nn
 
-from scripts.networks.blocks import GuideLayer, TextProjector, TokenPool
-from scripts.networks.image_encoder import ConvNeXtEncoder
-from scripts.networks.text_encoder import HFTextEncoder
+from scripts.networks.blocks import TokenPool
+from scripts.networks.guidedecoder import STRIDES, GuideDecoder
 
 __all__ = ["TMCA", "TargetEnhancement", "report_groups"]
-
-STRIDES = (4, 8, 16, 32)
 
 
 class TargetEnhancement(nn.Module):
@@ -72,7 +69,7 @@ def report_groups(text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tens
     return torch.unique(keyed, dim=0, return_inverse=True)[1]
 
 
-class TMCA(nn.Module):
+class TMCA(GuideDecoder):
     """TMCA segmentation network: image + optional report → B×1×H×W logits.
 
     In ``eval()`` mode ``forward`` returns the logits only. In ``train()`` mode it returns a dict that
@@ -118,50 +115,34 @@ class TMCA(nn.Module):
         enhancement: bool = True,
         embed_dim: int = 128,
     ) -> None:
-        super().__init__()
-        self.encoder = ConvNeXtEncoder(encoder_size, image_encoder_dir, in_channels)
-        ch = dict(zip(STRIDES, self.encoder.channels))
-        self.use_text = bool(use_text)
+        # guidance at every stride, stride 4 included: "text guidance onto low-level image features"
+        super().__init__(
+            in_channels, out_channels, encoder_size, image_encoder_dir, text_encoder_dir, text_trainable_layers,
+            num_heads, guide_strides=STRIDES, self_attention_strides=self_attention_strides, use_text=use_text,
+        )
+        ch = self.channels
         self.alignment_levels = tuple(int(s) for s in alignment_levels) if self.use_text else ()
         if any(s not in STRIDES for s in self.alignment_levels):
             raise ValueError(f"alignment_levels must be among {STRIDES}, got {alignment_levels}")
         self.enhancement = bool(enhancement) and self.use_text
-        decoder_strides = STRIDES[::-1]  # 32, 16, 8, 4
-
-        self.ups = nn.ModuleDict(
-            {
-                str(s): UnetrUpBlock(2, ch[s * 2], ch[s], 3, 2, norm_name="instance", res_block=True)
-                for s in decoder_strides[1:]
-            }
-        )
-        self.head = nn.Sequential(
-            SubpixelUpsample(2, ch[4], ch[4] // 2, scale_factor=4, apply_pad_pool=False), nn.Conv2d(ch[4] // 2, out_channels, kernel_size=1)
-        )
         if not self.use_text:
             return
-        self.text_encoder = HFTextEncoder(text_encoder_dir, trainable_layers=text_trainable_layers)
         d_text = self.text_encoder.hidden_size
-        self.token_proj = nn.ModuleDict({str(s): TextProjector(d_text, ch[s]) for s in decoder_strides})
-        self.guides = nn.ModuleDict(
-            {str(s): GuideLayer(ch[s], num_heads, self_attention=s in self_attention_strides) for s in decoder_strides}
-        )
         if self.enhancement:
-            self.enhancers = nn.ModuleDict({str(s): TargetEnhancement(ch[s], d_text) for s in decoder_strides})
+            self.enhancers = nn.ModuleDict({str(s): TargetEnhancement(ch[s], d_text) for s in STRIDES})
         if self.alignment_levels:
             # linear, so it commutes with the masked mean: the target embedding is the projected pooled feature
             self.align_image = nn.ModuleDict({str(s): nn.Conv2d(ch[s], embed_dim, 1) for s in self.alignment_levels})
             self.align_text = nn.ModuleDict({str(s): TokenPool(d_text, embed_dim) for s in self.alignment_levels})
 
-    def _encode_text(
-        self, text_ids: torch.Tensor | None, text_mask: torch.Tensor | None, batch: int, device: torch.device
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-        """Token states B×L×D (None without text), bool token mask, and which samples have a report (B bool)."""
-        if text_ids is None:
-            return None, None, torch.zeros(batch, dtype=torch.bool, device=device)
-        if text_mask is None:
-            text_mask = torch.ones_like(text_ids)
-        states, mask = self.text_encoder(text_ids, text_mask)
-        return states, mask, mask.any(dim=1)
+    def stage(
+        self, stride: int, x: torch.Tensor, states: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Guide layer, then the language-guided target enhancement; returns the features and the map's logits."""
+        x, _ = super().stage(stride, x, states, mask)
+        if not self.enhancement:
+            return x, None
+        return self.enhancers[str(stride)](x, states, mask)
 
     def forward(
         self, image: torch.Tensor, text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
@@ -177,25 +158,11 @@ class TMCA(nn.Module):
         """
         b = image.shape[0]
         feats = dict(zip(STRIDES, self.encoder(image)))
-        maps: list[torch.Tensor] = []
-        out: dict = {}
-        if self.use_text:
-            states, mask, present = self._encode_text(text_ids, text_mask, b, image.device)
-        x = feats[32]
-        for s in STRIDES[::-1]:
-            if s != 32:
-                x = self.ups[str(s)](x, feats[s])
-            if self.use_text:
-                x = self.guides[str(s)](x, *self.token_proj[str(s)](states, mask, b))
-                if self.enhancement:
-                    x, logits = self.enhancers[str(s)](x, states, mask)
-                    maps.append(logits)
-        pred = self.head(x)
+        states, mask, present = self.encode_text(text_ids, text_mask, b, image.device)
+        pred, maps = self.decode(feats, states, mask)
         if not self.training:
             return pred
-        out["pred"] = pred
-        out["target_maps"] = maps
-        out["align_strides"] = list(self.alignment_levels)
+        out: dict = {"pred": pred, "target_maps": maps, "align_strides": list(self.alignment_levels)}
         out["align_image"] = [self.align_image[str(s)](feats[s]) for s in self.alignment_levels]
         out["align_text"] = [self.align_text[str(s)](states, mask, b) for s in self.alignment_levels]
         if self.use_text:
