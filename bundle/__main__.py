@@ -60,7 +60,7 @@ def _bench_model(args: argparse.Namespace) -> int:
             overrides[key] = value
     rows = network_costs(args.networks, size=args.size, batch_sizes=tuple(args.batch_sizes),
                          train_batch=args.train_batch, repeats=args.repeats, warmup=args.warmup, device=args.device,
-                         overrides=overrides)
+                         overrides=overrides, timing=not args.params_only)
     print_network_table(rows)
     return 0
 
@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     bm.add_argument("--device", default="cpu")
     bm.add_argument("--set", nargs="+", metavar="ID=VALUE",
                     help="config overrides for every network, e.g. image_encoder_size=tiny (values as JSON or text)")
+    bm.add_argument("--params-only", action="store_true",
+                    help="parameters and FLOPs only (no timing): quick, and exact on a busy machine")
     bm.set_defaults(func=_bench_model)
     zc = sub.add_parser("zones-check", help="report consistency of the ground-truth masks (the zone grid's fit)")
     zc.add_argument("--datalist", required=True)

@@ -149,6 +149,7 @@ def network_cost(
     warmup: int = 3,
     device: str = "cpu",
     overrides: dict | None = None,
+    timing: bool = True,
 ) -> dict:
     """Parameters, FLOPs, training step time, inference latency and peak memory of one network of the bundle, as
     its config builds it (``configs/networks/<network>.yaml`` on ``train.yaml``), on random size×size images.
@@ -158,7 +159,8 @@ def network_cost(
     the config's loss, backward and the config's optimizer step at ``train_batch``. Latency: eval forward without
     gradients, per image, at each of ``batch_sizes``. Peak memory: on CUDA the allocator's peak, on CPU the
     process's peak resident set above its size before the first forward pass (run each network in a fresh process
-    for this figure, as ``python -m bundle bench model`` does).
+    for this figure, as ``python -m bundle bench model`` does). ``timing=False`` stops after the FLOPs (step,
+    latency and memory come back as NaN).
     """
     import resource
 
@@ -194,6 +196,14 @@ def network_cost(
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net(image1, **text1)
     flops = counter.get_total_flops()
+    row = {
+        "network": network, "class": type(net).__name__, "reads_text": reads_text, "params_total": total,
+        "params_trainable": trainable, "gflops": flops / 1e9, "train_batch": train_batch, "size": size,
+        "device": device, "overrides": overrides or {},
+    }
+    if not timing:
+        return {**row, "step_s": float("nan"), "latency_s": {b: float("nan") for b in batch_sizes},
+                "peak_mb": float("nan")}
 
     latency = {}
     for b in batch_sizes:
@@ -216,11 +226,7 @@ def network_cost(
         peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
-    return {
-        "network": network, "class": type(net).__name__, "reads_text": reads_text, "params_total": total,
-        "params_trainable": trainable, "gflops": flops / 1e9, "step_s": step_s, "train_batch": train_batch,
-        "latency_s": latency, "peak_mb": peak_mb, "size": size, "device": device, "overrides": overrides or {},
-    }
+    return {**row, "step_s": step_s, "latency_s": latency, "peak_mb": peak_mb}
 
 
 def _cost_in_child(kwargs: dict) -> dict:

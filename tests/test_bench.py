@@ -56,3 +56,15 @@ def test_bench_model_command_prints_one_row_per_network():
     unknown = subprocess.run([sys.executable, "-m", "bundle", "bench", "model", "--networks", "nope"],
                              cwd=BUNDLE_ROOT, capture_output=True, text=True)
     assert unknown.returncode != 0 and "no network config" in unknown.stderr
+
+
+def test_params_only_counts_without_timing():
+    import math
+
+    from bundle.bench import network_cost, network_parser
+
+    row = network_cost("guidedecoder", size=64, timing=False)
+    net = network_parser("guidedecoder").get_parsed_content("network_def")
+    assert row["class"] == "GuideDecoder" and row["reads_text"] and row["gflops"] > 0
+    assert row["params_trainable"] == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert math.isnan(row["step_s"]) and all(math.isnan(v) for v in row["latency_s"].values())
