@@ -10,10 +10,10 @@ from torch import nn
 
 from scripts.losses.segmentation import DiceBCELoss
 
-__all__ = ["TMCALoss", "alignment_loss"]
+__all__ = ["TMCALoss", "alignment_loss", "multi_positive_nce"]
 
 
-def _multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+def multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """Mean over rows of ``-log(Σ_pos exp(logit) / Σ_all exp(logit))``; every row needs one positive."""
     pos = logits.masked_fill(~positives, float("-inf")).logsumexp(dim=1)
     return (logits.logsumexp(dim=1) - pos).mean()
@@ -66,13 +66,13 @@ def alignment_loss(
     g = group[valid]
     same = g[:, None] == g[None, :]
     logits = v @ t.T / temperature  # rows: images, columns: reports
-    image_to_text = _multi_positive_nce(logits, same)
+    image_to_text = multi_positive_nce(logits, same)
     text_logits, text_pos = logits.T, same.T
     if background is not None:
         hard = (F.normalize(background[valid], dim=1) * t).sum(dim=1, keepdim=True) / temperature
         text_logits = torch.cat([text_logits, hard], dim=1)
         text_pos = torch.cat([text_pos, torch.zeros_like(hard, dtype=torch.bool)], dim=1)
-    return image_to_text, _multi_positive_nce(text_logits, text_pos)
+    return image_to_text, multi_positive_nce(text_logits, text_pos)
 
 
 class TMCALoss(nn.Module):
