@@ -175,7 +175,7 @@ NETWORK_CONFIGS = sorted(p.stem for p in (BUNDLE_ROOT / "configs" / "networks").
 
 def test_every_network_config_is_tested():
     assert {"tmca", "tmca_image_only", "unet", "tmca_no_alignment", "tmca_single_level", "tmca_no_target",
-            "tmca_no_enhancement"} <= set(NETWORK_CONFIGS)
+            "tmca_no_enhancement", "guidedecoder", "ssa", "reclmis", "lvit"} <= set(NETWORK_CONFIGS)
 
 
 @pytest.mark.parametrize("network", NETWORK_CONFIGS)

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from torch import nn
 
-__all__ = ["TextProjector", "TokenPool", "GuideLayer"]
+__all__ = ["TextProjector", "TokenPool", "GuideLayer", "PixelLevelAttention", "sincos_positions"]
+
+
+@functools.lru_cache(maxsize=64)
+def _sincos_table(grid: tuple[int, int], channels: int) -> torch.Tensor:
+    return build_sincos_position_embedding(grid, channels, spatial_dims=2).data[0]
+
+
+def sincos_positions(grid: tuple[int, int], channels: int, ref: torch.Tensor) -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding (MONAI's), (h·w)×channels on ``ref``'s device and dtype; a (1, L) grid
+    gives 1D positions for a token sequence. Built once per grid and width (channels divisible by 4)."""
+    return _sincos_table(tuple(int(g) for g in grid), int(channels)).to(ref.device, ref.dtype)
 
 
 class TextProjector(nn.Module):
@@ -115,14 +128,6 @@ class GuideLayer(nn.Module):
         self.gate = nn.Parameter(torch.tensor(float(gate_init)))
         self.norm_mlp = nn.LayerNorm(channels)
         self.mlp = nn.Sequential(nn.Linear(channels, 2 * channels), nn.GELU(), nn.Linear(2 * channels, channels))
-        self._pos_cache: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
-
-    def _pos(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor:
-        key = (h, w, ref.device, ref.dtype)
-        if key not in self._pos_cache:
-            pos = build_sincos_position_embedding((h, w), self.channels, spatial_dims=2)
-            self._pos_cache[key] = pos.data.to(device=ref.device, dtype=ref.dtype)
-        return self._pos_cache[key]
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
         """
@@ -136,7 +141,7 @@ class GuideLayer(nn.Module):
         """
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)
-        pos = self._pos(h, w, tokens)
+        pos = sincos_positions((h, w), self.channels, tokens)
         if self.self_attn is not None:
             normed = self.norm_self(tokens)
             q = normed + pos
@@ -146,3 +151,34 @@ class GuideLayer(nn.Module):
         tokens = tokens + torch.tanh(self.gate) * attended
         tokens = tokens + self.mlp(self.norm_mlp(tokens))
         return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+
+class PixelLevelAttention(nn.Module):
+    """LViT's pixel-level attention module (PLAM) on a skip connection.
+
+    Two 1×1 convolutions + ReLU give two feature maps; their channel mean ``a`` and channel max ``m`` and the sum
+    ``a + m`` form a 3-vector per pixel, which a per-pixel MLP (3 → 3·``ratio`` → 1) turns into one weight
+    ``w(p)``; the output is ``w(p) · x(p)``: every channel of a pixel is scaled by the same weight. As in LViT's
+    code the weight is not squashed by a sigmoid, so the module can also amplify or flip a pixel's features.
+
+    Args:
+        channels: C of the feature map.
+        ratio: expansion of the MLP's hidden layer (LViT: 2).
+    """
+
+    def __init__(self, channels: int, ratio: int = 2) -> None:
+        super().__init__()
+        self.avg_branch = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.ReLU())
+        self.max_branch = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.ReLU())
+        # 1×1 convolutions over the 3 statistics are the per-pixel MLP
+        self.mlp = nn.Sequential(nn.Conv2d(3, 3 * ratio, 1), nn.ReLU(), nn.Conv2d(3 * ratio, 1, 1))
+
+    def weight(self, x: torch.Tensor) -> torch.Tensor:
+        """B×C×H×W features → B×1×H×W per-pixel weights."""
+        avg = self.avg_branch(x).mean(dim=1, keepdim=True)
+        top = self.max_branch(x).amax(dim=1, keepdim=True)
+        return self.mlp(torch.cat([avg, top, avg + top], dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B×C×H×W → B×C×H×W."""
+        return self.weight(x) * x

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from torch import nn
 
+from scripts.networks.blocks import sincos_positions
 from scripts.networks.guidedecoder import STRIDES, GuideDecoder
 from scripts.networks.tmca import report_groups
 from scripts.networks.transport import barycentric, cosine_cost, sinkhorn
@@ -78,14 +78,6 @@ class SymmetricAlignment(nn.Module):
         self.text_key = nn.Linear(text_dim, embed_dim)
         self.text_to_visual = nn.Linear(text_dim, channels)
         self.visual_to_text = nn.Linear(channels, text_dim)
-        self._pos_cache: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
-
-    def _pos(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor:
-        key = (h, w, ref.device, ref.dtype)
-        if key not in self._pos_cache:
-            pos = build_sincos_position_embedding((h, w), self.channels, spatial_dims=2)
-            self._pos_cache[key] = pos.data.to(device=ref.device, dtype=ref.dtype)
-        return self._pos_cache[key]
 
     def forward(
         self, x: torch.Tensor, states: torch.Tensor, mask: torch.Tensor
@@ -104,7 +96,7 @@ class SymmetricAlignment(nn.Module):
         present = mask.any(dim=1)
         tokens = self.norm_visual(x.flatten(2).transpose(1, 2))
         text = self.norm_text(states)
-        visual_emb = self.visual_key(tokens + self._pos(h, w, tokens))
+        visual_emb = self.visual_key(tokens + sincos_positions((h, w), self.channels, tokens))
         text_emb = self.text_key(text)
         plan = sinkhorn(cosine_cost(visual_emb, text_emb), None, mask, self.epsilon, self.max_iter, self.tol)
         to_visual = self.text_to_visual(barycentric(plan, text))  # B×N×C: the report as each place sees it
