@@ -248,8 +248,18 @@ def network_costs(networks: Iterable[str], **kwargs) -> list[dict]:
 
 
 def print_network_table(rows: list[dict]) -> None:
+    import math
+
     base = rows[0]
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')} · {machine()} · device {base['device']} · {base['size']}² input")
+    if all(math.isnan(r["step_s"]) for r in rows):  # --params-only
+        print("| network | text | params (M) total / trainable | GFLOPs/image |")
+        print("|---|---|---|---|")
+        for r in rows:
+            settings = "".join(f", {k}={v}" for k, v in r["overrides"].items())
+            print(f"| {r['network']} ({r['class']}{settings}) | {'yes' if r['reads_text'] else 'no'} | "
+                  f"{r['params_total'] / 1e6:.2f} / {r['params_trainable'] / 1e6:.2f} | {r['gflops']:.2f} |")
+        return
     bs = sorted(base["latency_s"])
     lat_cols = " | ".join(f"latency/image b{b} (ms)" for b in bs)
     print(f"| network | text | params (M) total / trainable | GFLOPs/image | step b{base['train_batch']} (s) | "
