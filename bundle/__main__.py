@@ -75,6 +75,17 @@ def _zones_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results(args: argparse.Namespace) -> int:
+    from bundle.results import results_table
+
+    try:
+        print(results_table(args.metrics, baseline=args.baseline))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bundle", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -128,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     zc.add_argument("--split", default="validation")
     zc.add_argument("--radiological", action="store_true", help="reports use the patient's left (image right)")
     zc.set_defaults(func=_zones_check)
+    rs = sub.add_parser("results", help="markdown table of evaluation metrics.json files (docs/results.md)")
+    rs.add_argument("metrics", nargs="+", help="<run>/eval_val/metrics.json files, e.g. runs/qata/*_1ep/eval_val/metrics.json")
+    rs.add_argument("--baseline", help="a run name: adds each row's dice_mean difference to it")
+    rs.set_defaults(func=_results)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)
