@@ -6,7 +6,6 @@ from scripts.networks.image_encoder import ConvNeXtEncoder
 from scripts.networks.lvit import LViTStyle
 from scripts.networks.reclmis import RecLMIS
 from scripts.networks.ssa import SSA
-from scripts.networks.text_unet import TextGuidedUNet
 from scripts.networks.tmca import TMCA
 
-__all__ = ["TMCA", "GuideDecoder", "SSA", "RecLMIS", "LViTStyle", "TextGuidedUNet", "ConvNeXtEncoder"]
+__all__ = ["TMCA", "GuideDecoder", "SSA", "RecLMIS", "LViTStyle", "ConvNeXtEncoder"]
