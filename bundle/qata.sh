@@ -7,9 +7,11 @@
 #   NAME    configs/networks/NAME.yaml, merged on top of configs/train.yaml
 #   EPOCHS  the budget (cosine schedule over it)
 #   TAG     the run folder runs/qata/TAG (default NAME); MLflow store runs/qata/TAG/mlruns.db, run name qata_TAG
+#   after --: overrides for both training and evaluation, e.g. -- --seed 1
 #
 # Resumable: rerun the same command after an interruption; a finished run is not trained again. Data:
-# QATA_DIR (default ../shared/data/qata). Threads: OMP_NUM_THREADS as usual (two runs side by side: 1 each).
+# QATA_DIR (default ../shared/data/qata); run folders under RUNS_DIR (default runs/qata); both relative to the
+# bundle root or absolute. Threads: OMP_NUM_THREADS as usual (two runs side by side: 1 each).
 # Results: runs/qata/TAG/eval_val/metrics.json (the four Dice/IoU figures and the report consistency).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,16 +20,17 @@ tag=$name
 if [[ $# -gt 0 && $1 != -- ]]; then tag=$1; shift; fi
 [[ ${1:-} == -- ]] && shift
 qata=${QATA_DIR:-../shared/data/qata}
-runs=runs/qata
+runs=${RUNS_DIR:-runs/qata}
 run=$runs/$tag
 py=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1
 
 mkdir -p "$run"
+run_abs=$(cd "$run" && pwd)
 [[ -f $runs/datalist.json ]] || $py -m bundle datalist folder --root "$qata" --out "$runs/datalist.json"
 configs="['configs/train.yaml','configs/networks/$name.yaml']"
 common=(--meta_file configs/metadata.json --bundle_root . --dataset_dir "$runs" --ckpt_dir "$run/models"
-        --tracking_uri "sqlite:///$PWD/$run/mlruns.db" --num_workers 0)
+        --tracking_uri "sqlite:///$run_abs/mlruns.db" --num_workers 0)
 
 if [[ ! -f $run/trained ]]; then
     resume=False

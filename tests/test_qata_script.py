@@ -1,0 +1,44 @@
+"""bundle/qata.sh, the command behind each QaTa-COV19 row of docs/results.md, on a few real QaTa images."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import BUNDLE_ROOT, SHARED_DATA
+
+from bundle.results import COLUMNS
+
+
+def test_one_row_trains_evaluates_and_is_not_trained_twice(tmp_path):
+    src = SHARED_DATA / "qata"
+    if not src.is_dir():
+        pytest.skip(f"shared QaTa data not found at {src}")
+    split = json.loads((src / "split.json").read_text())
+    ids = {"train": split["train"][:6], "val": split["val"][:2]}
+    qata = tmp_path / "qata"
+    for sub, suffix in (("images", ".png"), ("masks", ".png"), ("reports", ".txt")):
+        (qata / sub).mkdir(parents=True)
+        for i in ids["train"] + ids["val"]:
+            shutil.copy(src / sub / f"{i}{suffix}", qata / sub / f"{i}{suffix}")
+    (qata / "split.json").write_text(json.dumps(ids))
+    env = {**os.environ, "QATA_DIR": str(qata), "RUNS_DIR": str(tmp_path / "runs"), "PYTHON": sys.executable}
+    cmd = ["bash", str(BUNDLE_ROOT / "bundle" / "qata.sh"), "unet", "1", "tiny", "--",
+           "--spatial_size", "[64,64]", "--batch_size", "2"]
+
+    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "run_id: 'training'" in first.stdout + first.stderr
+    run = tmp_path / "runs" / "tiny"
+    metrics = json.loads((run / "eval_val" / "metrics.json").read_text())["metrics"]
+    assert set(COLUMNS) <= set(metrics) and 0 <= metrics["val_dice_mean"] <= 1
+    assert (run / "mlruns.db").is_file() and (run / "trained").is_file()
+    model = run / "models" / "model.pt"
+    stamp = model.stat().st_mtime_ns
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert model.stat().st_mtime_ns == stamp  # a finished run is evaluated again, never retrained
+    assert "run_id: 'training'" not in again.stdout + again.stderr
