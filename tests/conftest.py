@@ -37,3 +37,14 @@ def demo_dir(tmp_path_factory) -> Path:
 
 def config(name: str) -> str:
     return str(BUNDLE_ROOT / "configs" / name)
+
+
+def tokenize_reports(reports: list[str], max_length: int = 24):
+    """Token ids and attention masks (B×L each) of ``reports``, as the configs' ``TokenizeReportd`` gives them."""
+    import torch
+
+    from scripts.transforms import TokenizeReport
+
+    t = TokenizeReport(max_length=max_length)
+    pairs = [t(r) for r in reports]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

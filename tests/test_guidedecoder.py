@@ -3,18 +3,17 @@
 import pytest
 import torch
 
+from conftest import tokenize_reports
 from scripts.losses import DiceBCELoss
 from scripts.networks import TMCA, GuideDecoder
-from scripts.transforms import TokenizeReport
+
 
 REPORTS = ["lower left lung.", "all right lung.", "upper left lung and lower right lung."]
 
 
 @pytest.fixture(scope="module")
 def tokens():
-    t = TokenizeReport(max_length=24)
-    pairs = [t(r) for r in REPORTS]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    return tokenize_reports(REPORTS)
 
 
 @pytest.fixture(scope="module")

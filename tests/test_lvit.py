@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tokenize_reports
 from scripts.losses.segmentation import DiceBCELoss
 from scripts.networks.blocks import PixelLevelAttention
 from scripts.networks.lvit import LViTStyle, TextToPatches, ViTBranch, add_upsampled
-from scripts.transforms import TokenizeReport
+
 
 REPORTS = ["lower left lung.", "upper right lung.", "Bilateral pulmonary infection, two infected areas, all left lung.",
            "middle right lung."]
@@ -15,9 +16,7 @@ REPORTS = ["lower left lung.", "upper right lung.", "Bilateral pulmonary infecti
 
 @pytest.fixture(scope="module")
 def tokens():
-    t = TokenizeReport(max_length=24)
-    pairs = [t(r) for r in REPORTS]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    return tokenize_reports(REPORTS)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tokenize_reports
 from scripts.losses.reclmis import RecLMISLoss, token_contrastive_loss, token_max_similarity
 from scripts.networks.reclmis import RecLMIS, ReconstructionDecoder, importance_mask
-from scripts.transforms import TokenizeReport
+
 
 REPORTS = ["lower left lung.", "upper right lung.", "lower left lung.", "all left lung and middle right lung."]
 TERMS = {"loss", "loss_dice", "loss_bce", "loss_contrastive", "loss_rec_image", "loss_rec_text"}
@@ -17,9 +18,7 @@ AUX = ("image_importance", "text_importance", "rec_image", "rec_text")
 
 @pytest.fixture(scope="module")
 def tokens():
-    t = TokenizeReport(max_length=24)
-    pairs = [t(r) for r in REPORTS]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    return tokenize_reports(REPORTS)
 
 
 def _masks(b: int, size: int = 64) -> torch.Tensor:

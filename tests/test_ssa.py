@@ -6,13 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, tokenize_reports
 from PIL import Image
 
 from scripts.losses.ssa import SSALoss, ot_alignment_loss, outside_zones_loss
 from scripts.networks.ssa import SSA, SymmetricAlignment, ZoneGate, ZoneGuidance
 from scripts.text import default_text_encoder_dir
-from scripts.transforms import TokenizeReport
 from scripts.zones import report_zones
 
 # sample 3 has a report without a location: OT alignment yes, zone guidance no
@@ -20,15 +19,9 @@ REPORTS = ["lower left lung.", "upper right lung.", "lower left lung.", "pulmona
 TERMS = {"loss", "loss_dice", "loss_bce", "loss_ot", "loss_ot_i2t", "loss_ot_t2i", "loss_outside"}
 
 
-def _tokens(reports):
-    t = TokenizeReport(max_length=24)
-    pairs = [t(r) for r in reports]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-
-
 @pytest.fixture(scope="module")
 def tokens():
-    return _tokens(REPORTS)
+    return tokenize_reports(REPORTS)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +105,7 @@ def test_no_report_paths(net, tokens):
 
 def test_guidance_mask_geometry_conventions_and_cache():
     guide = ZoneGuidance(default_text_encoder_dir(), level_edges=(0.25, 0.5))
-    ids, mask = _tokens(["lower left lung.", "pulmonary infection.", "lower left lung.", "lower left lung."])
+    ids, mask = tokenize_reports(["lower left lung.", "pulmonary infection.", "lower left lung.", "lower left lung."])
     mask[3] = 0
     g, guided = guide(ids, mask, (40, 80))  # X = columns (halves), Y = rows from the top (levels)
     assert g.shape == (4, 1, 40, 80) and guided.tolist() == [True, False, True, False]
@@ -130,7 +123,7 @@ def test_decoded_token_ids_parse_like_the_report_text(demo_dir):
     if reports.is_dir():
         texts |= {p.read_text().strip() for p in reports.glob("*.txt")}
     texts = sorted(texts)
-    ids, mask = _tokens(texts)
+    ids, mask = tokenize_reports(texts)
     parsed = ZoneGuidance(default_text_encoder_dir()).zones(ids, mask)
     wrong = [t for t, z in zip(texts, parsed) if not np.array_equal(z, report_zones(t))]
     assert wrong == [] and all(z is not None for z in parsed)
@@ -250,7 +243,7 @@ def test_alignment_and_outside_terms_fall_on_demo_data(demo_dir):
         images.append(torch.from_numpy(img.copy())[None])
         masks.append(torch.from_numpy(msk.astype(np.float32))[None])
     x, y = torch.stack(images), torch.stack(masks)
-    ids, tmask = _tokens([e["report"] for e in entries])
+    ids, tmask = tokenize_reports([e["report"] for e in entries])
     torch.manual_seed(0)
     model = SSA().train()
     loss = SSALoss()

@@ -8,19 +8,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import tokenize_reports
 from scripts.losses import TMCALoss, alignment_loss
 from scripts.networks import TMCA
 from scripts.networks.tmca import report_groups
 from scripts.transforms import RandDropReportd, TokenizeReport
+
 
 REPORTS = ["lower left lung.", "upper right lung.", "lower left lung.", "all left lung and middle right lung."]
 
 
 @pytest.fixture(scope="module")
 def tokens():
-    t = TokenizeReport(max_length=24)
-    pairs = [t(r) for r in REPORTS]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    return tokenize_reports(REPORTS)
 
 
 def _masks(b: int, size: int = 64) -> torch.Tensor:
