@@ -86,6 +86,27 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _infer_pacs(args: argparse.Namespace) -> int:
+    import json
+
+    from bundle.infer_pacs import infer_pacs, reasons
+
+    overrides = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    run = infer_pacs(args.input, args.output, formats=args.formats, config_files=args.config_file, ckpt=args.ckpt,
+                     device=args.device, overrides=overrides)
+    print(run.summary())
+    if run.failures:
+        print(reasons(run))
+    print(f"summary: {Path(args.output) / 'summary.csv'}")
+    return 0 if run.failed == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bundle", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -143,8 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     rs.add_argument("metrics", nargs="+", help="<run>/eval_val/metrics.json files, e.g. runs/qata/*_1ep/eval_val/metrics.json")
     rs.add_argument("--baseline", help="a run name: adds each row's dice_mean difference to it")
     rs.set_defaults(func=_results)
+    ip = sub.add_parser("infer-pacs", help="segment every series of a DICOM export: DICOM SEG, overlays, summary.csv")
+    ip.add_argument("--input", required=True, help="the export folder (any nesting, any file names)")
+    ip.add_argument("--output", required=True, help="results folder; a rerun skips the series already done")
+    ip.add_argument("--formats", nargs="+", default=["dicom_seg", "overlay"],
+                    choices=["mask", "probability", "overlay", "dicom_seg"])
+    ip.add_argument("--config-file", nargs="+", help="inference configs merged in order (default configs/inference.yaml)")
+    ip.add_argument("--ckpt", help="weights (default models/model.pt)")
+    ip.add_argument("--device", help="e.g. cpu or cuda:0 (default: the config's)")
+    ip.add_argument("--set", nargs="+", metavar="ID=VALUE", help="config overrides (values as JSON or text)")
+    ip.set_defaults(func=_infer_pacs)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied DICOM module
     return args.func(args)
 
 

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from monai.data import ImageReader
+from monai.data import ImageReader, PILReader
 from monai.utils import ensure_tuple
 
-__all__ = ["DicomImageReader"]
+__all__ = ["DicomImageReader", "RasterImageReader"]
 
 logger = logging.getLogger(__name__)
 
@@ -233,3 +233,21 @@ class DicomImageReader(ImageReader):
         meta = self._meta(reference, volume.shape, np.array([col_mm, row_mm, gap]), affine)
         meta["SOPInstanceUIDs"] = [str(ds.get("SOPInstanceUID", "")) for ds in slices]
         return volume, meta
+
+
+class RasterImageReader(PILReader):
+    """MONAI's ``PILReader`` (PNG, JPEG, BMP, TIFF) that refuses DICOM files.
+
+    A DICOM file's 128-byte preamble may hold a TIFF header (a "dual-personality" file; pydicom-data's
+    ``RG1_UNCR.dcm`` is one), and PIL then reads the pixels as a TIFF: no rescale, no window, no MONOCHROME1
+    inversion, no UIDs. ``LoadImage`` with a list of readers tries them in turn without looking at suffixes, so
+    this reader steps aside and the DICOM reader gets the file.
+    """
+
+    def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs: Any) -> Any:
+        from pydicom.misc import is_dicom
+
+        for name in ensure_tuple(data):
+            if isinstance(name, (str, os.PathLike)) and os.path.isfile(name) and is_dicom(name):
+                raise ValueError(f"{name}: a DICOM file, left to the DICOM reader")
+        return super().read(data, **kwargs)

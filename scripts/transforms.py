@@ -305,7 +305,9 @@ class SelectSlab(Transform):
     """A 2D image from a volume (a CT series): one slice, or the mean or maximum of a slab of slices.
 
     Channel-first input C×X×Y×Z gives C×X×Y; 2D input (C×X×Y) passes unchanged, so one chain serves radiographs
-    and series. The affine's translation moves to the slab's first slice, so outputs written back stay in place.
+    and series. The affine's translation moves to the slab's first slice, so outputs written back stay in place; for
+    a DICOM series the slab's SOPInstanceUIDs go to the meta data as ``SourceSOPInstanceUIDs`` (backslash-separated,
+    as DICOM writes multiple values).
 
     Args:
         index: slice index along the last axis, or ``"middle"``.
@@ -338,9 +340,14 @@ class SelectSlab(Transform):
             affine = torch.as_tensor(meta["affine"], dtype=torch.float64).clone()
             affine[:3, 3] += affine[:3, 2] * start
             # writers size their output from spatial_shape: a 3D one would make the channel a spatial axis
+            extra = {}
+            uids = meta.get("SOPInstanceUIDs")
+            if uids is not None and len(uids) == depth:
+                # one string, not a list: it survives collation; a DICOM SEG written back references these slices
+                extra["SourceSOPInstanceUIDs"] = "\\".join(str(u) for u in uids[start : start + self.thickness])
             out = MetaTensor(
                 out.as_tensor() if hasattr(out, "as_tensor") else out,
-                meta={**meta, "affine": affine, "spatial_shape": np.asarray(out.shape[1:])},
+                meta={**meta, "affine": affine, "spatial_shape": np.asarray(out.shape[1:]), **extra},
             )
         return out
 
@@ -411,21 +418,25 @@ class ReportZonesd(MapTransform):
 
 
 class SaveMaskLikeInputd(MapTransform):
-    """Save a predicted mask in the format of its input image: PNG for PNG/JPEG inputs, NIfTI otherwise.
+    """Save a predicted mask (or probability map) in the format of its input image: PNG for PNG/JPEG inputs, NIfTI
+    otherwise.
 
-    PNG masks are written as 8-bit 0/255 images; NIfTI masks keep the input's affine. ``pred`` should already
-    be binary and in the input's geometry (``Invertd`` before this transform).
+    PNG masks are written as 8-bit 0/255 images, PNG probability maps as 8-bit probability × 255; NIfTI outputs keep
+    the input's affine (masks uint8, probability maps float32). ``pred`` should already be in the input's geometry
+    (``Invertd`` before this transform). The path of the last file written is kept in ``last_path``.
 
     Args:
         keys: prediction key(s).
         output_dir: destination folder.
-        output_postfix: appended to the input's file name stem.
+        output_postfix: appended to the name.
         ref_key: key of the input image whose file name decides the format.
-        id_key: key of the entry's id; when an entry has one, the mask is named ``<id>_<postfix>`` (a DICOM series'
+        id_key: key of the entry's id; when an entry has one, the output is named ``<id>_<postfix>`` (a DICOM series'
             files have meaningless names, its id is the SeriesInstanceUID), else after the input file.
+        probability: write a probability map (values in [0, 1]) rather than a binary mask.
     """
 
     _PNG_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+    _STRIP_SUFFIXES = (".nii.gz", ".nii", *_PNG_SUFFIXES, ".dcm", ".dicom")
 
     def __init__(
         self,
@@ -434,23 +445,36 @@ class SaveMaskLikeInputd(MapTransform):
         output_postfix: str = "seg",
         ref_key: str = "image",
         id_key: str | None = "id",
+        probability: bool = False,
     ) -> None:
         super().__init__(keys)
         self.ref_key, self.id_key = ref_key, id_key
         self.output_dir, self.output_postfix = Path(output_dir), output_postfix
-        common = {"output_dir": str(output_dir), "output_postfix": output_postfix, "separate_folder": False}
+        common = {"output_dir": str(output_dir), "output_postfix": output_postfix, "separate_folder": False,
+                  "print_log": False}
         self.png = SaveImage(output_ext=".png", output_dtype=np.uint8, scale=255, resample=False, **common)
-        self.nifti = SaveImage(output_ext=".nii.gz", output_dtype=np.uint8, resample=False, **common)
+        nifti_dtype = np.float32 if probability else np.uint8
+        self.nifti = SaveImage(output_ext=".nii.gz", output_dtype=nifti_dtype, resample=False, **common)
+        self.last_path: str | None = None
+
+    def _stem(self, d: Mapping[Hashable, Any], source: str) -> str:
+        if self.id_key is not None and d.get(self.id_key):
+            return re.sub(r"[^\w.-]", "_", str(d[self.id_key]))
+        name = Path(source).name
+        for suffix in self._STRIP_SUFFIXES:
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)]
+        return name
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        source = str(getattr(d.get(self.ref_key), "meta", {}).get("filename_or_obj", ""))
-        writer = self.png if Path(source).suffix.lower() in self._PNG_SUFFIXES else self.nifti
-        name = None
-        if self.id_key is not None and d.get(self.id_key):
-            stem = re.sub(r"[^\w.-]", "_", str(d[self.id_key]))
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            name = str(self.output_dir / f"{stem}_{self.output_postfix}")
+        source = getattr(d.get(self.ref_key), "meta", {}).get("filename_or_obj", "")
+        source = str(source[0] if isinstance(source, (list, tuple)) and source else source)
+        is_png = Path(source).suffix.lower() in self._PNG_SUFFIXES
+        writer = self.png if is_png else self.nifti
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        name = str(self.output_dir / f"{self._stem(d, source)}_{self.output_postfix}")
         for key in self.key_iterator(d):
             writer(d[key], filename=name)
+            self.last_path = name + (".png" if is_png else ".nii.gz")
         return d

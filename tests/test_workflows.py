@@ -4,6 +4,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 from conftest import BUNDLE_ROOT, FAST, config
@@ -159,7 +160,13 @@ def test_inference_on_a_pacs_export_segments_each_series_in_place(trained, tmp_p
     write_datalist(build_datalist("pacs", export), export / "datalist.json")
     out = tmp_path / "out"
     _infer(root, export, out)
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"{ct_uid}_seg.nii.gz", f"{dx.SeriesInstanceUID}_seg.nii.gz"])
+    # the default outputs: a NIfTI mask and a DICOM SEG per series
+    uids = (ct_uid, dx.SeriesInstanceUID)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{u}_seg.{ext}" for u in uids for ext in ("nii.gz", "dcm"))
+    for uid in uids:
+        seg = pydicom.dcmread(out / f"{uid}_seg.dcm")
+        assert seg.Modality == "SEG" and seg.SeriesInstanceUID != uid
+        assert [s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence] == [uid]
     seg = nib.load(out / f"{ct_uid}_seg.nii.gz")
     assert seg.shape[:2] == (128, 128)
     volume_affine = np.asarray(LoadImage(reader=ITKReader(), image_only=True)(str(export / "a" / "b")).affine)

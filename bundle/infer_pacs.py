@@ -1,0 +1,197 @@
+"""``python -m bundle infer-pacs``: a PACS export in, DICOM Segmentations, overlays and a summary CSV out.
+
+The export is indexed by series (``datalist pacs``: reports beside the images or in DICOM SR are found), each series
+goes through the components of ``configs/inference.yaml`` (the same preprocessing, network, inferer and
+postprocessing as ``monai.bundle run inference``), and ``summary.csv`` gets one row per series as soon as it is done,
+so an interrupted run keeps what it finished and a rerun on the same folders skips it.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_FIELDS = ("series_uid", "study_uid", "modality", "source", "report", "status", "reason",
+                  "lesion_fraction", "dicom_seg", "overlay", "mask", "probability", "seconds")
+
+
+@dataclass
+class PacsRun:
+    """Counts of one ``infer-pacs`` run."""
+
+    done: int = 0
+    already_done: int = 0
+    failed: int = 0
+    unreadable_files: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"segmented: {self.done}, already done: {self.already_done}, failed: {self.failed}, "
+                f"unreadable files skipped: {self.unreadable_files}")
+
+
+def _read_summary(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        return {row["series_uid"]: row for row in csv.DictReader(f)}
+
+
+def _is_done(row: dict | None) -> bool:
+    """Done, and its files are still there (a deleted output is made again)."""
+    if row is None or row.get("status") != "done":
+        return False
+    files = [row.get(k) for k in ("dicom_seg", "overlay", "mask", "probability") if row.get(k)]
+    return all(Path(f).is_file() for f in files)
+
+
+class _Segmenter:
+    """The inference config's components, built once: ``__call__(entry)`` runs one datalist entry end to end."""
+
+    def __init__(
+        self,
+        output_dir: Path,
+        formats: Sequence[str],
+        config_files: Sequence[str | os.PathLike],
+        ckpt: str | os.PathLike | None,
+        device: str | None,
+        overrides: dict[str, Any],
+    ) -> None:
+        from monai.bundle import ConfigParser
+
+        self.parser = ConfigParser()
+        self.parser.read_config([str(c) for c in config_files])
+        self.parser.read_meta(str(BUNDLE_ROOT / "configs" / "metadata.json"))
+        self.parser.update({"bundle_root": str(BUNDLE_ROOT), "output_dir": str(output_dir),
+                            "output_formats": list(formats), **overrides})
+        if device:
+            self.parser["device"] = f"$torch.device('{device}')"
+        self.device = self.parser.get_parsed_content("device")
+        self.network = self.parser.get_parsed_content("network")
+        path = Path(ckpt) if ckpt else Path(self.parser.get_parsed_content("ckpt_dir")) / "model.pt"
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.network.load_state_dict(state.get("model", state) if isinstance(state, dict) else state, strict=True)
+        self.network.eval()
+        self.preprocessing = self.parser.get_parsed_content("preprocessing")
+        self.prepare_batch = self.parser.get_parsed_content("prepare_batch")
+        self.inferer = self.parser.get_parsed_content("inferer")
+        self.postprocessing = self.parser.get_parsed_content("postprocessing")
+
+    def __call__(self, entry: dict) -> dict:
+        from monai.data import decollate_batch, list_data_collate
+
+        item = self.preprocessing(dict(entry))
+        batch = list_data_collate([item])
+        image, _, args, kwargs = self.prepare_batch(batch, self.device)
+        with torch.no_grad():
+            batch["pred"] = self.inferer(image, self.network, *args, **kwargs)
+        sample = decollate_batch(batch)[0]
+        return self.postprocessing(sample)
+
+
+def infer_pacs(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    formats: Sequence[str] = ("dicom_seg", "overlay"),
+    config_files: Sequence[str | os.PathLike] | None = None,
+    ckpt: str | os.PathLike | None = None,
+    device: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> PacsRun:
+    """Segment every image series of a DICOM export.
+
+    Args:
+        input_dir: the export folder (any nesting; file names do not matter).
+        output_dir: where ``<SeriesInstanceUID>_seg.dcm``, ``..._overlay.png`` and ``summary.csv`` go.
+        formats: outputs per series (``scripts.outputs.OUTPUT_FORMATS``).
+        config_files: inference configs, merged in order (default: ``configs/inference.yaml``; add
+            ``configs/networks/<name>.yaml`` for another network).
+        ckpt: the weights (default ``models/model.pt`` of the bundle).
+        device: e.g. ``"cpu"`` or ``"cuda:0"`` (default: the config's).
+        overrides: further config values by id.
+
+    Returns:
+        the counts; ``summary.csv`` has one row per series (``done`` or ``failed`` with the reason) and is
+        appended to as series finish. Unreadable files are logged and counted, never fatal; a series that fails
+        is logged, counted and retried on the next run.
+    """
+    from bundle.datalist import build_datalist
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = output_dir / "summary.csv"
+    previous = _read_summary(summary_path)
+    index = build_datalist("pacs", input_dir, skip_bad=True)
+    entries = index.splits["test"]
+    run = PacsRun(unreadable_files=len(index.skipped))
+    for path, reason in index.skipped:
+        run.failures.append((path, reason))
+    logger.info("%s: %d image series, %d unreadable files skipped", input_dir, len(entries), len(index.skipped))
+
+    todo = [e for e in entries if not _is_done(previous.get(e["id"]))]
+    run.already_done = len(entries) - len(todo)
+    rows = {uid: row for uid, row in previous.items() if _is_done(row)}
+    segmenter = _Segmenter(output_dir, formats, config_files or [BUNDLE_ROOT / "configs" / "inference.yaml"], ckpt,
+                           device, overrides or {}) if todo else None
+    for n, entry in enumerate(todo, 1):
+        source = entry["image"] if isinstance(entry["image"], str) else entry["image"][0]
+        row = {"series_uid": entry["id"], "study_uid": entry.get("study", ""), "modality": entry.get("modality", ""),
+               "source": source, "report": entry.get("report", "")}
+        start = time.perf_counter()
+        try:
+            result = segmenter(entry)
+        except Exception as e:  # one bad series must not stop the export: logged, counted, retried next run
+            reason = _root_cause(e)
+            logger.error("series %s (%s): failed: %s", entry["id"], source, reason)
+            run.failed += 1
+            run.failures.append((source, reason))
+            row |= {"status": "failed", "reason": reason}
+        else:
+            mask = result["pred"]
+            files = result.get("output_files", {})
+            row |= {"status": "done", "lesion_fraction": f"{float((mask > 0).float().mean()):.5f}",
+                    **{k: files.get(k, "") for k in ("dicom_seg", "overlay", "mask", "probability")}}
+            run.done += 1
+            logger.info("[%d/%d] series %s: done", n, len(todo), entry["id"])
+        row["seconds"] = f"{time.perf_counter() - start:.2f}"
+        rows[entry["id"]] = row
+        _write_summary(summary_path, rows)
+    if not todo:
+        _write_summary(summary_path, rows)
+    return run
+
+
+def _write_summary(path: Path, rows: dict[str, dict]) -> None:
+    """Rewritten whole after each series (atomically), so it is never half a row."""
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows.values():
+            writer.writerow({k: row.get(k, "") for k in SUMMARY_FIELDS})
+    tmp.replace(path)
+
+
+def _root_cause(error: BaseException) -> str:
+    """MONAI wraps a transform's error in "applying transform ..." layers; the useful message is the innermost."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}".replace("\n", " ")
+
+
+def reasons(run: PacsRun) -> str:
+    """The failures grouped by reason, for the command's output."""
+    counts = Counter(reason.replace(f"{source}: ", "").replace(source, "<file>") for source, reason in run.failures)
+    return "\n".join(f"  {n} × {reason}" for reason, n in counts.most_common())

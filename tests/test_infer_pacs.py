@@ -1,0 +1,76 @@
+"""`python -m bundle infer-pacs` on a PACS-like export: DICOM SEG per series with the report when there is one,
+overlays, a summary CSV, logged skips, and a rerun that skips what is done."""
+
+import csv
+import shutil
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from test_dicom import make_ct_series, make_dx
+
+from bundle.__main__ import main
+from bundle.infer_pacs import infer_pacs
+
+
+def _export(root):
+    """Nested folders, meaningless names: a CT series (5 slices), a radiograph with its report beside it, a file
+    that is not DICOM but named .dcm, and a radiograph without pixel data."""
+    ct_uid = make_ct_series(root / "a" / "b", n=5, gap=2.0)
+    (root / "c").mkdir()
+    dx = make_dx(root / "c" / "IM1", np.full((96, 80), 3000), spacing=(0.3, 0.2))
+    (root / "c" / "report.txt").write_text("Bilateral pulmonary infection, lower left lung and lower right lung.")
+    (root / "broken.dcm").write_bytes(b"not a DICOM file")
+    (root / "d").mkdir()
+    empty = make_dx(root / "d" / "IM2", np.full((40, 40), 3000), with_pixels=False)
+    return ct_uid, dx, empty
+
+
+def _rows(out):
+    with (out / "summary.csv").open(newline="") as f:
+        return {row["series_uid"]: row for row in csv.DictReader(f)}
+
+
+def test_infer_pacs_writes_seg_and_overlay_per_series_and_skips_what_it_cannot_read(tmp_path, caplog):
+    ct_uid, dx, empty = _export(tmp_path / "export")
+    out = tmp_path / "out"
+    run = infer_pacs(tmp_path / "export", out, device="cpu")
+    assert (run.done, run.already_done, run.failed, run.unreadable_files) == (2, 0, 1, 1)
+    rows = _rows(out)
+    assert set(rows) == {ct_uid, dx.SeriesInstanceUID, empty.SeriesInstanceUID}
+    assert rows[empty.SeriesInstanceUID]["status"] == "failed"
+    assert "no pixel data" in rows[empty.SeriesInstanceUID]["reason"]
+    assert "no pixel data" in caplog.text and "broken.dcm" in caplog.text  # logged, naming the file
+    assert rows[dx.SeriesInstanceUID]["report"].startswith("Bilateral")  # the report beside the image was used
+    assert rows[ct_uid]["modality"] == "CT" and rows[ct_uid]["report"] == ""
+
+    for uid in (ct_uid, dx.SeriesInstanceUID):
+        row = rows[uid]
+        assert row["status"] == "done" and 0.0 <= float(row["lesion_fraction"]) <= 1.0
+        assert row["overlay"].endswith(f"{uid}_overlay.png")
+        seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(row["dicom_seg"]))
+        (study, series, instance), = seg.get_source_image_uids()
+        assert series == uid and study == row["study_uid"]
+        source = next(pydicom.dcmread(p) for p in (tmp_path / "export").rglob("*")
+                      if p.is_file() and p.name != "broken.dcm" and p.suffix != ".txt"
+                      and pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == instance)
+        assert (seg.Rows, seg.Columns) == (source.Rows, source.Columns)
+        assert float(row["lesion_fraction"]) == pytest.approx(np.asarray(seg.pixel_array, bool).mean(), abs=1e-5)
+
+
+def test_a_rerun_skips_the_series_done_and_retries_the_rest(tmp_path):
+    ct_uid, dx, empty = _export(tmp_path / "export")
+    out = tmp_path / "out"
+    infer_pacs(tmp_path / "export", out, device="cpu")
+    first = _rows(out)
+    (out / f"{ct_uid}_overlay.png").unlink()  # an output lost since: that series is made again
+    run = infer_pacs(tmp_path / "export", out, device="cpu")
+    assert (run.done, run.already_done, run.failed) == (1, 1, 1)
+    assert _rows(out)[dx.SeriesInstanceUID] == first[dx.SeriesInstanceUID]
+    assert (out / f"{ct_uid}_overlay.png").is_file()
+
+    shutil.rmtree(tmp_path / "export" / "d")  # fixed at the source: nothing fails any more
+    assert main(["infer-pacs", "--input", str(tmp_path / "export"), "--output", str(out), "--device", "cpu"]) == 0
+    assert set(_rows(out)) == {ct_uid, dx.SeriesInstanceUID}

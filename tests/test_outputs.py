@@ -1,0 +1,157 @@
+"""Inference outputs: overlays, DICOM Segmentation objects read back with highdicom, the readers' DICOM hand-off and
+the report inferer MONAI Label relies on."""
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import torch
+from conftest import config
+from monai.bundle import ConfigParser
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+from pydicom.data import get_testdata_file
+from test_dicom import make_ct_series, make_dx
+
+from scripts.dicom import DicomImageReader
+from scripts.inferers import ReportInferer
+from scripts.outputs import contour, dicom_segmentation, dicom_sources, overlay_image
+from scripts.transforms import SelectSlabd
+
+
+def test_contour_is_the_boundary_of_the_mask():
+    mask = np.zeros((9, 9), bool)
+    mask[2:7, 2:7] = True
+    edge = contour(mask)
+    assert edge.sum() == 16 and not edge[3:6, 3:6].any() and (edge <= mask).all()
+    assert contour(mask, width=2).sum() == 24
+
+
+@pytest.mark.parametrize("caption", ["bilateral pulmonary infection, lower left lung.", None])
+def test_overlay_outlines_the_mask_and_prints_the_caption(caption):
+    image = np.full((60, 80), 0.5, np.float32)
+    mask = np.zeros((60, 80), bool)
+    mask[10:30, 20:50] = True
+    picture = np.asarray(overlay_image(image, mask, caption, color=(255, 0, 0)))
+    assert picture.shape[1] == 80 and picture.shape[0] > 60  # the caption band below the image
+    top, band = picture[:60], picture[60:]
+    assert (top[10, 30] == [255, 0, 0]).all()  # on the contour
+    assert top[20, 35, 0] > top[20, 35, 1]  # tinted inside
+    assert (top[45, 10] == [127, 127, 127]).all()  # untouched outside
+    assert (band > 200).any()  # white text, also "no report (image-only inference)" when there is none
+
+
+def test_overlay_of_a_large_film_is_scaled_down_with_a_visible_contour():
+    mask = np.zeros((3000, 2000), bool)
+    mask[1000:2000, 500:1500] = True
+    picture = overlay_image(np.random.rand(3000, 2000).astype(np.float32), mask, "x", max_side=1024)
+    assert picture.size[0] == round(2000 * 1024 / 3000)
+    assert (np.asarray(picture)[:1024] == [255, 90, 0]).all(axis=-1).sum() > 4 * 300
+
+
+def _mask(rows, cols):
+    mask = np.zeros((rows, cols), bool)
+    mask[rows // 4 : rows // 2, cols // 3 : cols // 2] = True
+    return mask
+
+
+def test_dicom_seg_of_a_radiograph_references_it_and_round_trips(tmp_path):
+    src = make_dx(tmp_path / "dx.dcm", np.full((96, 80), 3000), spacing=(0.3, 0.2))
+    mask = _mask(96, 80)
+    dicom_segmentation([pydicom.dcmread(tmp_path / "dx.dcm")], mask, algorithm_name="TMCA").save_as(tmp_path / "s.dcm")
+    ds = pydicom.dcmread(tmp_path / "s.dcm")
+    seg = hd.seg.Segmentation.from_dataset(ds)
+    assert ds.Modality == "SEG" and ds.SegmentationType == "BINARY"
+    assert (ds.StudyInstanceUID, ds.PatientID) == (src.StudyInstanceUID, src.PatientID)
+    assert ds.SeriesInstanceUID not in (src.SeriesInstanceUID, "")
+    assert seg.get_source_image_uids() == [(src.StudyInstanceUID, src.SeriesInstanceUID, src.SOPInstanceUID)]
+    pixels = seg.get_pixels_by_source_instance([src.SOPInstanceUID], segment_numbers=[1])
+    np.testing.assert_array_equal(pixels[0, ..., 0].astype(bool), mask)
+    description = seg.get_segment_description(1)
+    assert description.segment_label == "lesion" and description.algorithm_identification[0].AlgorithmName == "TMCA"
+
+
+def test_an_empty_prediction_is_still_a_valid_seg(tmp_path):
+    make_dx(tmp_path / "dx.dcm", np.full((40, 50), 3000))
+    seg = dicom_segmentation([pydicom.dcmread(tmp_path / "dx.dcm")], np.zeros((40, 50), bool))
+    assert seg.NumberOfFrames == 1 and not seg.pixel_array.any()
+
+
+def test_a_mask_of_the_wrong_size_is_refused_naming_the_source(tmp_path):
+    make_dx(tmp_path / "dx.dcm", np.full((40, 50), 3000))
+    with pytest.raises(ValueError, match=r"does not match 1 source image\(s\) of 40×50 .*dx.dcm"):
+        dicom_segmentation([pydicom.dcmread(tmp_path / "dx.dcm")], np.zeros((50, 40), bool))
+
+
+def test_dicom_seg_of_a_ct_slab_lies_on_the_slab_slices(tmp_path):
+    """A slab of 3 of 5 slices: SelectSlab records their SOPInstanceUIDs, the SEG has one frame per slice, each in
+    the frame of reference and at the position of its source slice."""
+    make_ct_series(tmp_path / "ct", n=5, gap=2.0, orientation=(0.8660254, 0.5, 0, -0.5, 0.8660254, 0))
+    files = sorted(str(p) for p in (tmp_path / "ct").iterdir())
+    load = Compose([LoadImaged("image", reader=DicomImageReader()), EnsureChannelFirstd("image"),
+                    SelectSlabd("image", index="middle", thickness=3)])
+    image = load({"image": files})["image"]
+    uids = image.meta["SourceSOPInstanceUIDs"].split("\\")
+    assert len(uids) == 3
+    sources = dicom_sources(image.meta["filename_or_obj"], uids)  # only the first file name is kept: found beside it
+    mask = _mask(int(sources[0].Rows), int(sources[0].Columns))
+    seg = dicom_segmentation(sources, mask)
+    assert seg.NumberOfFrames == 3 and seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    by_uid = {src.SOPInstanceUID: src for src in sources}
+    referenced = []
+    for frame in seg.PerFrameFunctionalGroupsSequence:  # highdicom orders frames itself: match them by reference
+        src = by_uid[frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        referenced.append(src.SOPInstanceUID)
+        np.testing.assert_allclose(frame.PlanePositionSequence[0].ImagePositionPatient,
+                                   src.ImagePositionPatient, atol=1e-3)
+    assert sorted(referenced) == sorted(uids)
+    # in slice order along the normal
+    orientation = np.asarray(sources[0].ImageOrientationPatient, float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = [float(np.asarray(s.ImagePositionPatient, float) @ normal) for s in sources]
+    assert positions == sorted(positions)
+    with pytest.raises(ValueError, match="not found among the input's files"):
+        dicom_sources(files[0], ["1.2.3.4"])
+
+
+def _real_film():
+    path = get_testdata_file("RG1_UNCR.dcm")
+    if path is None:
+        pytest.skip("pydicom-data is not installed (pip install -r requirements-dev.txt)")
+    return path
+
+
+def test_a_real_film_with_a_zero_pixel_spacing_gives_a_readable_seg(tmp_path, caplog):
+    src = pydicom.dcmread(_real_film(), stop_before_pixels=True)
+    with caplog.at_level("WARNING"):
+        dicom_segmentation([src], _mask(src.Rows, src.Columns)).save_as(tmp_path / "s.dcm")
+    assert "PixelSpacing ['0.000', '0.000'] is not usable" in caplog.text
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(tmp_path / "s.dcm"))
+    assert (seg.Rows, seg.Columns) == (src.Rows, src.Columns) and seg.PatientName == src.PatientName
+
+
+def test_the_config_readers_give_a_dual_personality_dicom_to_the_dicom_reader():
+    """RG1_UNCR.dcm carries a TIFF header in its preamble: PIL alone would read it as a TIFF, un-inverted and
+    without UIDs."""
+    parser = ConfigParser()
+    parser.read_config(config("inference.yaml"))
+    load = parser.get_parsed_content("preprocessing").transforms[0]
+    image = load({"image": _real_film()})["image"]
+    assert image.meta["SOPInstanceUID"] == pydicom.dcmread(_real_film(), stop_before_pixels=True).SOPInstanceUID
+    assert image.meta["Modality"] == "CR"
+
+
+class _Recorder(torch.nn.Module):
+    def forward(self, image, text_ids=None, text_mask=None):
+        self.text_ids, self.text_mask = text_ids, text_mask
+        return image
+
+
+def test_report_inferer_adds_its_report_only_when_the_caller_brings_none():
+    net, image = _Recorder(), torch.zeros(2, 1, 8, 8)
+    ReportInferer("")(image, net)
+    assert net.text_ids is None  # no report: image only, as MONAI Label calls it by default
+    ReportInferer("left lower lung opacity.")(image, net)
+    assert net.text_ids.shape == (2, 24) and net.text_mask[:, 0].tolist() == [1, 1] and net.text_mask.sum() < 48
+    own = torch.ones(2, 24, dtype=torch.long)
+    ReportInferer("left lower lung opacity.")(image, net, text_ids=own, text_mask=own)
+    assert net.text_ids is own  # the sample's own report (the bundle's workflows) wins
