@@ -19,6 +19,7 @@ from monai.utils import CommonKeys as Keys
 
 __all__ = [
     "ReportPrepareBatch",
+    "ResumableMLFlowHandler",
     "SegmentationTrainer",
     "SegmentationEvaluator",
     "ProgressBar",
@@ -82,6 +83,32 @@ def _drop_duplicate_trackers(handlers: Sequence | None) -> list | None:
                 continue
         kept.append(handler)
     return kept
+
+
+class ResumableMLFlowHandler(MLFlowHandler):
+    """MONAI's ``MLFlowHandler`` that can carry on a run after ``--resume True``.
+
+    MONAI continues the unfinished MLflow run of the same name, but MLflow params cannot change, and a resumed
+    command differs from the first (``--resume True``, perhaps a longer ``--max_epochs``): MONAI's handler then
+    stops the training on "Changing param values is not allowed". Here params already logged keep their first
+    value and a differing new value is logged as the tag ``resumed.<param>``, so the run goes on and both stay
+    visible.
+    """
+
+    def _log_params(self, params: dict[str, Any]) -> None:
+        if not self.cur_run:
+            raise ValueError("Current Run is not Active to log params")
+        import mlflow
+
+        run_id = self.cur_run.info.run_id
+        logged = self.client.get_run(run_id).data.params
+        new = [mlflow.entities.Param(k, str(v)) for k, v in params.items() if k not in logged]
+        changed = {k: str(v) for k, v in params.items() if k in logged and logged[k] != str(v)}
+        if changed:
+            logger.info("resumed MLflow run %s: %s differ from the first run; logged as resumed.* tags",
+                        run_id, ", ".join(sorted(changed)))
+        tags = [mlflow.entities.RunTag(f"resumed.{k}", v[:5000]) for k, v in changed.items()]
+        self.client.log_batch(run_id=run_id, metrics=[], params=new, tags=tags)
 
 
 class _NamedTerms:

@@ -102,3 +102,25 @@ def test_resume_continues_the_epoch_counter(tmp_path, demo_dir):
     assert scheduler.last_epoch == 3  # the LR schedule continued too
     assert lr_after_1 < FAST.get("learning_rate", 0.001)
     assert latest_checkpoint(tmp_path / "models").endswith("checkpoint_epoch=3.pt")
+
+
+def test_a_killed_run_resumes_into_its_mlflow_run_with_a_changed_command(tmp_path, demo_dir):
+    """A process killed mid-training leaves its MLflow run RUNNING; MONAI carries on that run when training resumes
+    under the same run name. The resumed command differs (here: a longer max_epochs), and MLflow params cannot
+    change: the run must go on, keeping the first value as the param and the new one as a tag."""
+    first = _train(tmp_path, demo_dir, max_epochs=1, run_name="qata_tmca")  # a fixed name, as bundle/qata.sh gives
+    first.run()
+    first.finalize()
+    client, (run,) = _runs(tmp_path)
+    client.update_run(run.info.run_id, status="RUNNING")  # what a kill leaves behind
+
+    resumed = _train(tmp_path, demo_dir, max_epochs=2, resume=True, run_name="qata_tmca")
+    resumed.run()
+    resumed.finalize()
+    client, runs = _runs(tmp_path)
+    assert [r.info.run_id for r in runs] == [run.info.run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["max_epochs"] == "1" and run.data.tags["resumed.max_epochs"] == "2"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_dice_mean")]
+    assert sorted(steps) == [1, 2]
