@@ -14,11 +14,12 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 from monai.engines import IterationEvents, PrepareBatch, SupervisedEvaluator, SupervisedTrainer
-from monai.handlers import MLFlowHandler
+from monai.handlers import CheckpointLoader, MLFlowHandler
 from monai.utils import CommonKeys as Keys
 
 __all__ = [
     "ReportPrepareBatch",
+    "ResumeLoader",
     "ResumableMLFlowHandler",
     "SegmentationTrainer",
     "SegmentationEvaluator",
@@ -211,3 +212,30 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -
     if not found:
         raise FileNotFoundError(f"no '{prefix}*.pt' training checkpoint to resume from in {ckpt_dir}")
     return str(max(found)[1])
+
+
+class ResumeLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` for ``--resume True`` that checks the optimizer state it restored.
+
+    Network weights load by name, but optimizer moments load by parameter position: a checkpoint written by
+    another version of the network (parameters added, removed or registered in another order) loads without
+    complaint and then fails in the first optimizer step with a bare tensor-size error. This names the checkpoint
+    and says what to do instead.
+    """
+
+    def __call__(self, engine: Engine) -> None:
+        super().__call__(engine)
+        for name, obj in self.load_dict.items():
+            if not isinstance(obj, torch.optim.Optimizer):
+                continue
+            params = [p for group in obj.param_groups for p in group["params"]]
+            bad = sum(
+                1 for p in params
+                if any(torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape for v in obj.state.get(p, {}).values())
+            )
+            if bad:
+                raise ValueError(
+                    f"{self.load_path}: the '{name}' state of {bad} of {len(params)} parameters does not fit the "
+                    "network (the checkpoint was written by another version of it): start a new run with "
+                    "--resume False in another ckpt_dir"
+                )

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 import torch
 from conftest import BUNDLE_ROOT, FAST, config
 from ignite.engine import Events
@@ -124,3 +125,25 @@ def test_a_killed_run_resumes_into_its_mlflow_run_with_a_changed_command(tmp_pat
     assert run.data.params["max_epochs"] == "1" and run.data.tags["resumed.max_epochs"] == "2"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_dice_mean")]
     assert sorted(steps) == [1, 2]
+
+
+def test_resuming_a_checkpoint_of_another_network_version_names_it(tmp_path, demo_dir):
+    """Optimizer moments load by parameter position: a checkpoint whose parameter order no longer matches the
+    network must be refused by name at resume, not fail later in Adam with a bare tensor-size error."""
+    first = _train(tmp_path, demo_dir, max_epochs=1)
+    first.run()
+    first.finalize()
+    path = tmp_path / "models" / "checkpoint_epoch=1.pt"
+    ckpt = torch.load(path, weights_only=False)
+    state = ckpt["optimizer"]["state"]
+    keys = sorted(state)
+    ckpt["optimizer"]["state"] = {k: state[keys[(i + 1) % len(keys)]] for i, k in enumerate(keys)}  # shifted by one
+    torch.save(ckpt, path)
+    resumed = _train(tmp_path, demo_dir, max_epochs=2, resume=True)
+    with pytest.raises(Exception) as error:
+        resumed.run()
+    chain, e = [], error.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("checkpoint_epoch=1.pt: the 'optimizer' state of" in m and "--resume False" in m for m in chain)
