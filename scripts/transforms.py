@@ -108,6 +108,9 @@ class TokenizeReportd(MapTransform):
         allow_missing_report: when True, a missing, None or empty report becomes "no report" (inference,
             MONAI Label); when False it raises an error naming the sample's image (training and evaluation data
             must carry their reports).
+        absent_report_image_only: when True (and ``allow_missing_report`` is False), a sample with no report key
+            at all becomes "no report", an image-only sample, with a warning naming it (MONAI Label trains from
+            image + label datalists). A report that is present but None or empty is still an error.
         ids_suffix, mask_suffix: suffixes of the output keys.
     """
 
@@ -121,17 +124,22 @@ class TokenizeReportd(MapTransform):
         mask_suffix: str = "_mask",
         lowercase: bool = False,
         unicode_form: str | None = "NFKC",
+        absent_report_image_only: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.tokenize = TokenizeReport(tokenizer_dir, max_length, lowercase, unicode_form)
         self.allow_missing_report = allow_missing_report
+        self.absent_report_image_only = absent_report_image_only
         self.ids_suffix, self.mask_suffix = ids_suffix, mask_suffix
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.keys:
             text = d.get(key)
-            if text is None or (isinstance(text, str) and not text.strip()):
+            if key not in d and self.absent_report_image_only and not self.allow_missing_report:
+                logger.warning("sample %s has no '%s' key: an image-only sample", _sample_name(d), key)
+                text = ""
+            elif text is None or (isinstance(text, str) and not text.strip()):
                 if not self.allow_missing_report:
                     state = "missing" if text is None else "empty"
                     raise ValueError(f"report '{key}' is {state} for sample {_sample_name(d)}")
