@@ -107,6 +107,13 @@ def _infer_pacs(args: argparse.Namespace) -> int:
     return 0 if run.failed == 0 else 1
 
 
+def _pack(args: argparse.Namespace) -> int:
+    from bundle.pack import pack
+
+    print(f"bundle zip written: {pack(args.root, args.out, max_model_mb=args.max_model_mb or None)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bundle", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -174,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     ip.add_argument("--device", help="e.g. cpu or cuda:0 (default: the config's)")
     ip.add_argument("--set", nargs="+", metavar="ID=VALUE", help="config overrides (values as JSON or text)")
     ip.set_defaults(func=_infer_pacs)
+    pk = sub.add_parser("pack", help="the bundle as a MONAI bundle zip, <out>/<name>_v<version>.zip (docs/export.md)")
+    pk.add_argument("--out", default="dist", help="destination folder")
+    pk.add_argument("--root", default=".", help="bundle root")
+    pk.add_argument("--max-model-mb", type=float, default=25.0, help="refuse a larger models/model.pt (0: no limit)")
+    pk.set_defaults(func=_pack)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied DICOM module

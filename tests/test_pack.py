@@ -1,0 +1,123 @@
+"""python -m bundle pack: a MONAI bundle zip that `monai.bundle download` accepts and that runs on its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import BUNDLE_ROOT, SHARED_DATA
+from PIL import Image
+
+from bundle.__main__ import main
+from bundle.pack import bundle_files, bundle_name, pack
+
+NAME = "language_guided_lesion_segmentation"
+REAL_IMAGE = SHARED_DATA / "qata" / "images" / "covid_0001.png"
+
+
+def test_bundle_name_follows_the_model_zoo_convention():
+    assert bundle_name({"name": "Language-guided lesion segmentation"}) == NAME
+    assert bundle_name({"name": "Spleen CT segmentation"}) == "spleen_ct_segmentation"
+    with pytest.raises(ValueError, match="name"):
+        bundle_name({"name": " - "})
+
+
+def _small_bundle(root):
+    """A copy of the bundle's configs with stand-in weights, caches and files that must not ship."""
+    shutil.copytree(BUNDLE_ROOT / "configs", root / "configs")
+    for rel, content in {
+        "LICENSE": "licence", "scripts/__init__.py": "", "docs/README.md": "docs", "models/model.pt": "weights",
+        "models/README.md": "notes", "tests/test_x.py": "", "bundle/__main__.py": "",
+    }.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(content)
+
+
+def _strays(root):
+    for rel in ("models/checkpoint_epoch=3.pt", "scripts/__pycache__/x.cpython-311.pyc", "scripts/local_notes.py"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("stray")
+
+
+def test_only_tracked_files_ship_from_a_git_checkout(tmp_path):
+    _small_bundle(tmp_path)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "bundle"], check=True)
+    _strays(tmp_path)  # untracked: never shipped
+    files = bundle_files(tmp_path)
+    assert {"LICENSE", "models/model.pt", "models/README.md", "configs/inference.yaml", "docs/README.md"} <= set(files)
+    assert not any(f.startswith(("tests/", "bundle/")) or "stray" in f or "checkpoint" in f or "local_notes" in f
+                   or "__pycache__" in f for f in files)
+
+
+def test_outside_git_the_folders_are_walked_without_caches_or_checkpoints(tmp_path):
+    _small_bundle(tmp_path)
+    _strays(tmp_path)
+    files = bundle_files(tmp_path)
+    assert {"LICENSE", "models/model.pt", "configs/inference.yaml", "docs/README.md"} <= set(files)
+    # an untracked source file cannot be told from a real one without git: it ships; caches and checkpoints do not
+    assert not any(f.startswith(("tests/", "bundle/")) or "checkpoint" in f or "__pycache__" in f for f in files)
+
+
+def test_pack_refuses_missing_or_oversized_weights(tmp_path):
+    _small_bundle(tmp_path)
+    with pytest.raises(ValueError, match="over the"):
+        pack(tmp_path, tmp_path / "dist", max_model_mb=1e-6)
+    (tmp_path / "models" / "model.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        pack(tmp_path, tmp_path / "dist")
+
+
+def test_pack_then_download_then_run_inference_from_the_unpacked_bundle(tmp_path):
+    """The zip's members, `monai.bundle.download(url="file://...")` into a fresh folder, and
+    `python -m monai.bundle run inference` from there with only the unpacked folder on PYTHONPATH."""
+    if not REAL_IMAGE.is_file():
+        pytest.skip(f"shared QaTa data not found at {REAL_IMAGE}")
+    assert main(["pack", "--out", str(tmp_path / "dist")]) == 0
+    version = json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())["version"]
+    zip_path = tmp_path / "dist" / f"{NAME}_v{version}.zip"
+    with zipfile.ZipFile(zip_path) as zf:
+        names = set(zf.namelist())
+        assert json.loads(zf.read(f"{NAME}/configs/metadata.json"))["version"] == version
+    assert {f"{NAME}/{f}" for f in ("configs/inference.yaml", "models/model.pt", "LICENSE", "scripts/__init__.py",
+                                   "docs/README.md")} <= names
+    assert all(n.startswith(f"{NAME}/") for n in names)  # one top-level folder, the bundle's name
+    assert not any(n.split("/")[1] in ("tests", "bundle", "runs", "eval", ".venv") for n in names)
+    assert (BUNDLE_ROOT / "models" / "model.pt").stat().st_size <= 25e6
+
+    # monai.bundle.download with a file:// url works offline (urllib opens it) and extracts <bundle_dir>/<name>/;
+    # `name` is needed: without it download() fails after extracting (its version check joins bundle_dir and None)
+    from monai.bundle import download
+
+    bundles = tmp_path / "bundles"
+    download(name=NAME, url=zip_path.as_uri(), bundle_dir=str(bundles), progress=False)
+    unpacked = bundles / NAME
+    assert (unpacked / "configs" / "inference.yaml").is_file()
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    shutil.copy(REAL_IMAGE, images / REAL_IMAGE.name)
+    env = {**os.environ, "PYTHONPATH": str(unpacked), "HF_HUB_OFFLINE": "1"}  # not the repository: self-contained
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "inference",
+         "--meta_file", str(unpacked / "configs" / "metadata.json"),
+         "--config_file", str(unpacked / "configs" / "inference.yaml"), "--bundle_root", str(unpacked),
+         "--dataset_dir", str(images), "--output_dir", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    mask = np.array(Image.open(out / f"{REAL_IMAGE.stem}_seg.png"))
+    assert mask.shape == np.array(Image.open(REAL_IMAGE)).shape
+    assert set(np.unique(mask)) == {0, 255}  # binary (PNG 0/255), with a lesion on this COVID-19 image
+    # the shipped weights, not a random network: the mask overlaps the ground truth (image only, no report here)
+    truth = np.array(Image.open(SHARED_DATA / "qata" / "masks" / REAL_IMAGE.name)) > 127
+    pred = mask > 0
+    assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.5
