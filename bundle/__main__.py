@@ -114,6 +114,15 @@ def _pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from bundle.export import export
+
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one INFO line per deduplicated ONNX initializer
+    result = export(args.format, out=args.out, root=args.root, ckpt=args.ckpt, image=args.image, report=args.report)
+    print(result.summary())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bundle", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -186,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     pk.add_argument("--root", default=".", help="bundle root")
     pk.add_argument("--max-model-mb", type=float, default=25.0, help="refuse a larger models/model.pt (0: no limit)")
     pk.set_defaults(func=_pack)
+    ex = sub.add_parser("export", help="the inference network as ONNX or TorchScript, checked against PyTorch")
+    ex.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    ex.add_argument("--out", help="file to write (default models/model.onnx or models/model.ts)")
+    ex.add_argument("--root", default=".", help="bundle root")
+    ex.add_argument("--ckpt", help="weights (default models/model.pt)")
+    ex.add_argument("--image", help="an image to export with and check on (default: a random one)")
+    ex.add_argument("--report", help="its report (default: a QaTa-style report)")
+    ex.set_defaults(func=_export)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied DICOM module
