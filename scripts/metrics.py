@@ -43,7 +43,8 @@ def report_consistency(y_pred: torch.Tensor, zones: torch.Tensor) -> tuple[torch
 
 
 class ReportConsistencyMetric(CumulativeIterationMetric):
-    """MONAI metric of :func:`report_consistency`, mean over the images where it is defined.
+    """MONAI metric of :func:`report_consistency`, mean over the images where it is defined (NaN where it is defined
+    for none).
 
     Use it with ``IgniteMetricHandler`` and ``output_transform=from_engine(['pred', 'zones'])``.
 
@@ -67,5 +68,7 @@ class ReportConsistencyMetric(CumulativeIterationMetric):
         data = self.get_buffer()
         if not isinstance(data, torch.Tensor):
             raise ValueError("the data to aggregate must be a PyTorch Tensor")
-        f, _ = do_metric_reduction(data, reduction or self.reduction)
-        return f
+        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
+        # MONAI reduces an all-NaN buffer to 0, which would read as "perfectly consistent" where nothing could be
+        # measured (no report names a zone: MONAI Label's report-less validation lists, say)
+        return torch.where(not_nans > 0, f, torch.full_like(f, float("nan")))

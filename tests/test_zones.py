@@ -124,6 +124,14 @@ def test_metric_averages_where_defined():
         ReportConsistencyMetric("inside")
 
 
+def test_metric_is_nan_when_no_image_has_a_located_report():
+    """Report-less validation (MONAI Label's image + label lists): nothing to measure is NaN, not a perfect 0."""
+    for kind in ("outside", "missed"):
+        metric = ReportConsistencyMetric(kind)
+        metric(torch.ones(2, 1, 4, 6), torch.zeros(2, 1, 4, 6))
+        assert torch.isnan(metric.aggregate()).all()
+
+
 def test_qata_ground_truth_stays_mostly_in_the_named_zones():
     """The zone grid fits real data: ground-truth masks of QaTa's validation split lie mostly in the zones their
     reports name (a median validation image puts under 10 % of its lesion elsewhere)."""
