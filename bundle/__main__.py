@@ -46,18 +46,24 @@ def _bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_model(args: argparse.Namespace) -> int:
-    from bundle.bench import network_costs, print_network_table
-
+def _overrides(items: list[str] | None) -> dict:
+    """``--set ID=VALUE ...`` → config overrides; values are read as JSON when they parse, else kept as text."""
     import json
 
     overrides = {}
-    for item in args.set or []:
+    for item in items or []:
         key, _, value = item.partition("=")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
+    return overrides
+
+
+def _bench_model(args: argparse.Namespace) -> int:
+    from bundle.bench import network_costs, print_network_table
+
+    overrides = _overrides(args.set)
     rows = network_costs(args.networks, size=args.size, batch_sizes=tuple(args.batch_sizes),
                          train_batch=args.train_batch, repeats=args.repeats, warmup=args.warmup, device=args.device,
                          overrides=overrides, timing=not args.params_only)
@@ -87,17 +93,9 @@ def _results(args: argparse.Namespace) -> int:
 
 
 def _infer_pacs(args: argparse.Namespace) -> int:
-    import json
-
     from bundle.infer_pacs import infer_pacs, reasons
 
-    overrides = {}
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides = _overrides(args.set)
     run = infer_pacs(args.input, args.output, formats=args.formats, config_files=args.config_file, ckpt=args.ckpt,
                      device=args.device, overrides=overrides)
     print(run.summary())
