@@ -11,7 +11,8 @@
 #
 # Resumable: rerun the same command after an interruption; a finished run is not trained again. Data:
 # QATA_DIR (default ../shared/data/qata); run folders under RUNS_DIR (default runs/qata); both relative to the
-# bundle root or absolute. Threads: OMP_NUM_THREADS as usual (two runs side by side: 1 each).
+# bundle root or absolute. Threads: OMP_NUM_THREADS as usual (two runs side by side: 1 each). Loader workers:
+# NUM_WORKERS (default 0, the setting of every row in docs/results.md; raise it on a machine with spare cores).
 # Results: runs/qata/TAG/eval_val/metrics.json (the four Dice/IoU figures and the report consistency).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,7 @@ run_abs=$(cd "$run" && pwd)
 [[ -f $runs/datalist.json ]] || $py -m bundle datalist folder --root "$qata" --out "$runs/datalist.json"
 configs="['configs/train.yaml','configs/networks/$name.yaml']"
 common=(--meta_file configs/metadata.json --bundle_root . --dataset_dir "$runs" --ckpt_dir "$run/models"
-        --tracking_uri "sqlite:///$run_abs/mlruns.db" --num_workers 0)
+        --tracking_uri "sqlite:///$run_abs/mlruns.db" --num_workers "${NUM_WORKERS:-0}")
 
 if [[ ! -f $run/trained ]]; then
     resume=False
