@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 
@@ -48,8 +50,6 @@ def _bench_data(args: argparse.Namespace) -> int:
 
 def _overrides(items: list[str] | None) -> dict:
     """``--set ID=VALUE ...`` → config overrides; values are read as JSON when they parse, else kept as text."""
-    import json
-
     overrides = {}
     for item in items or []:
         key, _, value = item.partition("=")
@@ -60,14 +60,44 @@ def _overrides(items: list[str] | None) -> dict:
     return overrides
 
 
+def _bench_agreement(args: argparse.Namespace) -> int:
+    from bundle.bench import inference_agreement
+
+    inference_agreement(args.datalist, args.ckpt, split=args.split, network=args.network,
+                        overrides=_overrides(args.set), limit=args.limit)
+    return 0
+
+
+def _bench_profile(args: argparse.Namespace) -> int:
+    from bundle.bench import machine, profile_step
+
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} · {machine()}")
+    print(profile_step(args.network, args.path, size=args.size, train_batch=args.train_batch, steps=args.steps,
+                       rows=args.rows, overrides=_overrides(args.set)))
+    return 0
+
+
+def _machine() -> str:
+    from bundle.bench import machine
+
+    return machine()
+
+
 def _bench_model(args: argparse.Namespace) -> int:
-    from bundle.bench import network_costs, print_network_table
+    from bundle.bench import conv_peak, json_rows, network_costs, print_network_table
+    from scripts.io import atomic_write_text
 
     overrides = _overrides(args.set)
-    rows = network_costs(args.networks, size=args.size, batch_sizes=tuple(args.batch_sizes),
+    paths = ("fast", "baseline") if args.baseline else ("fast",)
+    rows = network_costs(args.networks, paths=paths, size=args.size, batch_sizes=tuple(args.batch_sizes),
                          train_batch=args.train_batch, repeats=args.repeats, warmup=args.warmup, device=args.device,
                          overrides=overrides, timing=not args.params_only)
-    print_network_table(rows)
+    peak = None if args.params_only else conv_peak(device=args.device, repeats=args.repeats)
+    print_network_table(rows, peak)
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"machine": _machine(), "conv_peak_gflops": peak,
+                                                 "rows": json_rows(rows)}, indent=2, default=str))
+        print(f"\nwritten: {args.json}")
     return 0
 
 
@@ -121,6 +151,25 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_check(args: argparse.Namespace) -> int:
+    from bundle.device_check import device_check, prepare_payload, write_json
+
+    if args.prepare:
+        print(f"payload written: {prepare_payload(args.prepare, args.qata, num_images=args.num_images)}")
+        return 0
+    if not args.datalist:
+        print("error: --datalist is required (or --prepare DIR)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the compute-path line
+    results = device_check(args.datalist, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
+                           workers=args.workers, encoder_size=args.encoder_size, size=args.size, device=args.device,
+                           text_encoder_dir=args.text_encoder_dir, overrides=_overrides(args.set))
+    if args.json:
+        write_json(results, args.json)
+        print(f"written: {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bundle", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -166,9 +215,30 @@ def main(argv: list[str] | None = None) -> int:
     bm.add_argument("--device", default="cpu")
     bm.add_argument("--set", nargs="+", metavar="ID=VALUE",
                     help="config overrides for every network, e.g. image_encoder_size=tiny (values as JSON or text)")
+    bm.add_argument("--baseline", action="store_true",
+                    help="also time the plain fp32 contiguous path of each network (no autocast, channels-last, "
+                         "compile, fused optimizer or text cache) in a fresh process of the same run")
+    bm.add_argument("--json", metavar="FILE", help="write one object per network and path to FILE")
     bm.add_argument("--params-only", action="store_true",
                     help="parameters and FLOPs only (no timing): quick, and exact on a busy machine")
     bm.set_defaults(func=_bench_model)
+    bp = bench_sub.add_parser("profile", help="torch.profiler table of the top operators of the training step")
+    bp.add_argument("--network", default="tmca")
+    bp.add_argument("--path", choices=["fast", "baseline"], default="fast")
+    bp.add_argument("--size", type=int, default=224)
+    bp.add_argument("--train-batch", type=int, default=8)
+    bp.add_argument("--steps", type=int, default=3)
+    bp.add_argument("--rows", type=int, default=25)
+    bp.add_argument("--set", nargs="+", metavar="ID=VALUE", help="config overrides (values as JSON or text)")
+    bp.set_defaults(func=_bench_profile)
+    ba = bench_sub.add_parser("agreement", help="masks of the fast path against the fp32 path on real images")
+    ba.add_argument("--datalist", required=True, help="a datalist JSON (e.g. of QaTa-COV19)")
+    ba.add_argument("--ckpt", default="models/model.pt", help="weights (default: the shipped model)")
+    ba.add_argument("--split", default="validation")
+    ba.add_argument("--network", default="tmca", help="configs/networks/<name>.yaml the weights belong to")
+    ba.add_argument("--limit", type=int, help="first N entries only")
+    ba.add_argument("--set", nargs="+", metavar="ID=VALUE", help="config overrides (values as JSON or text)")
+    ba.set_defaults(func=_bench_agreement)
     zc = sub.add_parser("zones-check", help="report consistency of the ground-truth masks (the zone grid's fit)")
     zc.add_argument("--datalist", required=True)
     zc.add_argument("--split", default="validation")
@@ -201,6 +271,24 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--image", help="an image to export with and check on (default: a random one)")
     ex.add_argument("--report", help="its report (default: a QaTa-style report)")
     ex.set_defaults(func=_export)
+
+    dc = sub.add_parser("device-check", help="TMCA training steps at the papers' size: samples/s, step time, peak "
+                                             "GPU memory, data-wait fraction, first and last loss")
+    dc.add_argument("--datalist", help="a datalist JSON with a training list (QaTa-COV19's train split)")
+    dc.add_argument("--steps", type=int, default=60)
+    dc.add_argument("--warmup", type=int, default=10, help="first steps left out of the timings")
+    dc.add_argument("--batch-size", type=int, default=32)
+    dc.add_argument("--workers", type=int, nargs="+", default=[8], help="loader worker counts to compare")
+    dc.add_argument("--encoder-size", default="tiny", help="ConvNeXt size (tiny: the papers')")
+    dc.add_argument("--size", type=int, default=224)
+    dc.add_argument("--device", help="default: cuda:0 when available, else cpu")
+    dc.add_argument("--text-encoder-dir", help="a local text encoder folder (default: the packaged MiniLM)")
+    dc.add_argument("--set", nargs="+", metavar="ID=VALUE", help="config overrides (values as JSON or text)")
+    dc.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    dc.add_argument("--prepare", metavar="DIR", help="instead: write the payload a bare GPU machine needs to DIR")
+    dc.add_argument("--qata", default="../shared/data/qata", help="with --prepare: the QaTa-COV19 folder")
+    dc.add_argument("--num-images", type=int, default=384, help="with --prepare: training images to include")
+    dc.set_defaults(func=_device_check)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied DICOM module

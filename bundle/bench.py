@@ -16,7 +16,10 @@ import torch
 
 from scripts import BUNDLE_DIR
 
-__all__ = ["data_pipeline_throughput", "network_cost", "network_costs", "samples_per_second"]
+__all__ = [
+    "BASELINE", "conv_peak", "data_pipeline_throughput", "inference_agreement", "json_rows", "network_cost",
+    "network_costs", "profile_step", "samples_per_second",
+]
 
 
 def samples_per_second(loader: Iterable, warmup_batches: int = 2) -> tuple[float, int]:
@@ -140,6 +143,28 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") / 2**20)
 
 
+# the plain path of the same network: fp32, contiguous memory, no compile, a per-parameter AdamW loop, no text cache
+BASELINE = {"precision": "fp32", "channels_last": False, "compile": False, "optimizer#fused": False}
+PATHS = ("fast", "baseline")
+
+# the engines are built from the config as `run training` builds them, without data, handlers or metrics
+_ENGINE_ONLY = {
+    "train#dataloader": "$[None]", "train#handlers": [], "train#key_metric": None,
+    "validate#dataloader": "$[None]", "validate#handlers": [], "validate#key_metric": None,
+    "validate#additional_metrics": None,
+}
+
+
+def _synthetic_batch(b: int, in_channels: int, size: int, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    g = torch.Generator().manual_seed(b)
+    return {
+        "image": torch.rand(b, in_channels, size, size, generator=g),
+        "label": (torch.rand(b, 1, size, size, generator=g) > 0.7).float(),
+        "report_ids": ids[None].expand(b, -1).clone(),
+        "report_mask": mask[None].expand(b, -1).clone(),
+    }
+
+
 def network_cost(
     network: str,
     size: int = 224,
@@ -150,39 +175,45 @@ def network_cost(
     device: str = "cpu",
     overrides: dict | None = None,
     timing: bool = True,
+    path: str = "fast",
 ) -> dict:
     """Parameters, FLOPs, training step time, inference latency and peak memory of one network of the bundle, as
     its config builds it (``configs/networks/<network>.yaml`` on ``train.yaml``), on random size×size images.
 
-    FLOPs are counted by ``torch.utils.flop_counter`` for one image, eval-mode forward, with the report when the
-    network reads one (2 FLOPs per multiply-add; halve for the MACs many papers call FLOPs). Step time: forward,
-    the config's loss, backward and the config's optimizer step at ``train_batch``. Latency: eval forward without
-    gradients, per image, at each of ``batch_sizes``. Peak memory: on CUDA the allocator's peak, on CPU the
-    process's peak resident set above its size before the first forward pass (run each network in a fresh process
-    for this figure, as ``python -m bundle bench model`` does). ``timing=False`` stops after the FLOPs (step,
-    latency and memory come back as NaN).
+    The step is the trainer's own iteration (``train#trainer``: its batch preparation and memory format, autocast,
+    loss, backward, optimizer and post-processing), the latency the evaluator's forward pass (``validate#evaluator``:
+    batch preparation, autocast, inferer) without gradients, per image, at each of ``batch_sizes``. ``path``
+    ``fast`` takes the config as it is (with ``overrides``); ``baseline`` the same with :data:`BASELINE` on top
+    and the frozen text encoder's cache off: the plain fp32 path.
+
+    FLOPs are counted by ``torch.utils.flop_counter``: ``gflops`` for one image, eval-mode forward, with the report
+    when the network reads one (2 FLOPs per multiply-add; halve for the MACs many papers call FLOPs);
+    ``step_gflops`` for one training step as executed (a cached text encoder does no work). Peak memory: on CUDA
+    the allocator's peak, on CPU the process's peak resident set above its size before the first forward pass
+    (run each network and path in a fresh process for this figure, as ``python -m bundle bench model`` does).
+    ``timing=False`` stops after the forward FLOPs (the rest come back as NaN).
     """
     import resource
 
     from torch.utils.flop_counter import FlopCounterMode
 
+    from scripts.networks.text_encoder import configure_text_cache
     from scripts.transforms import TokenizeReport
 
-    parser = network_parser(network, {"device": f"$torch.device('{device}')", **(overrides or {})})
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    settings = {**(overrides or {}), **(BASELINE if path == "baseline" else {})}
+    parser = network_parser(network, {"device": f"$torch.device('{device}')", **_ENGINE_ONLY, **settings})
     dev = torch.device(device)
     net = parser.get_parsed_content("network")
-    loss_fn = parser.get_parsed_content("loss")
-    optimizer = parser.get_parsed_content("optimizer")
+    if path == "baseline":
+        configure_text_cache(net, 0)
+    prepare = parser.get_parsed_content("prepare_batch")
     # a network reads the report when the batch hands it the tokens and it has a text path (TMCA's use_text)
-    reads_text = bool(parser.get_parsed_content("prepare_batch").text_keys) and getattr(net, "use_text", True)
+    reads_text = bool(prepare.text_keys) and getattr(net, "use_text", True)
     in_channels = int(parser["network_def"].get("in_channels", 1))
     tokens = TokenizeReport(parser.get_parsed_content("text_encoder_dir"), max_length=parser["max_report_tokens"])
-    ids, mask = (t.to(dev) for t in tokens(_BENCH_REPORT))
-
-    def inputs(b: int) -> tuple[torch.Tensor, dict]:
-        image = torch.rand(b, in_channels, size, size, device=dev)
-        text = {"text_ids": ids[None].expand(b, -1), "text_mask": mask[None].expand(b, -1)} if reads_text else {}
-        return image, text
+    ids, mask = tokens(_BENCH_REPORT)
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     total = sum(p.numel() for p in net.parameters())
@@ -192,41 +223,128 @@ def network_cost(
     rss_before = _rss_mb()
 
     net.eval()
-    image1, text1 = inputs(1)
+    one = _synthetic_batch(1, in_channels, size, ids, mask)
+    text1 = {"text_ids": one["report_ids"].to(dev), "text_mask": one["report_mask"].to(dev)} if reads_text else {}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(image1, **text1)
-    flops = counter.get_total_flops()
+        net(one["image"].to(dev), **text1)
     row = {
-        "network": network, "class": type(net).__name__, "reads_text": reads_text, "params_total": total,
-        "params_trainable": trainable, "gflops": flops / 1e9, "train_batch": train_batch, "size": size,
-        "device": device, "overrides": overrides or {},
+        "network": network, "path": path, "class": type(net).__name__, "reads_text": reads_text,
+        "params_total": total, "params_trainable": trainable, "gflops": counter.get_total_flops() / 1e9,
+        "train_batch": train_batch, "size": size, "device": device, "overrides": overrides or {},
+        "compute": _describe_path(parser),
     }
+    nan = float("nan")
     if not timing:
-        return {**row, "step_s": float("nan"), "latency_s": {b: float("nan") for b in batch_sizes},
-                "peak_mb": float("nan")}
+        return {**row, "step_s": nan, "first_step_s": nan, "step_gflops": nan, "latency_s": {b: nan for b in batch_sizes},
+                "peak_mb": nan}
 
+    evaluator = parser.get_parsed_content("validate#evaluator")
     latency = {}
     for b in batch_sizes:
-        image, text = inputs(b)
-        with torch.no_grad():
-            latency[b] = _timed(lambda: net(image, **text), repeats, warmup, sync) / b
+        image, _, args, kwargs = evaluator.prepare_batch(_synthetic_batch(b, in_channels, size, ids, mask), dev)
 
-    net.train()
-    image, text = inputs(train_batch)
-    target = (torch.rand(train_batch, 1, size, size, device=dev) > 0.7).float()
+        def forward() -> None:
+            with torch.no_grad():
+                evaluator.inferer(image, evaluator.network, *args, **kwargs)
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        out = loss_fn(net(image, **text), target)
-        (out["loss"] if isinstance(out, dict) else out).backward()
-        optimizer.step()
+        net.eval()
+        latency[b] = _timed(forward, repeats, warmup, sync) / b
 
+    step = _trainer_step(parser, _synthetic_batch(train_batch, in_channels, size, ids, mask))
+    start = time.perf_counter()
+    step()  # the first step: text cache misses, oneDNN primitive creation, and compilation with compile=true
+    sync()
+    first_step_s = time.perf_counter() - start
     step_s = _timed(step, repeats, warmup, sync)
+    step_flops = nan
+    if not parser.get_parsed_content("compile"):
+        with FlopCounterMode(display=False) as counter:
+            step()
+        step_flops = counter.get_total_flops() / 1e9
     if dev.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
-    return {**row, "step_s": step_s, "latency_s": latency, "peak_mb": peak_mb}
+    return {**row, "step_s": step_s, "first_step_s": first_step_s, "step_gflops": step_flops, "latency_s": latency,
+            "peak_mb": peak_mb}
+
+
+def _trainer_step(parser, batch: dict) -> Callable[[], None]:
+    """One iteration of the config's ``train#trainer`` on ``batch``, as ``run training`` executes it."""
+    trainer = parser.get_parsed_content("train#trainer")
+
+    def step() -> None:
+        trainer.state.batch = dict(batch)  # the engine decollates state.batch in place
+        trainer._iteration(trainer, trainer.state.batch)
+
+    return step
+
+
+def profile_step(
+    network: str = "tmca",
+    path: str = "fast",
+    size: int = 224,
+    train_batch: int = 8,
+    steps: int = 3,
+    rows: int = 25,
+    overrides: dict | None = None,
+) -> str:
+    """``torch.profiler`` table of the top operators (self CPU time) over ``steps`` training steps of the trainer,
+    after two warm-up steps; forward and backward operators (``autograd::engine`` rows are backward nodes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from scripts.networks.text_encoder import configure_text_cache
+    from scripts.transforms import TokenizeReport
+
+    settings = {**(overrides or {}), **(BASELINE if path == "baseline" else {})}
+    parser = network_parser(network, {"device": "$torch.device('cpu')", **_ENGINE_ONLY, **settings})
+    if path == "baseline":
+        configure_text_cache(parser.get_parsed_content("network"), 0)
+    tokens = TokenizeReport(parser.get_parsed_content("text_encoder_dir"), max_length=parser["max_report_tokens"])
+    ids, mask = tokens(_BENCH_REPORT)
+    in_channels = int(parser["network_def"].get("in_channels", 1))
+    step = _trainer_step(parser, _synthetic_batch(train_batch, in_channels, size, ids, mask))
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return f"{network} {path} ({_describe_path(parser)}), batch {train_batch}, {size}², {steps} steps\n{table}"
+
+
+def _describe_path(parser) -> str:
+    from scripts.precision import describe
+
+    parts = [describe(parser.get_parsed_content("compute_dtype"))]
+    parts.append("channels-last" if parser.get_parsed_content("channels_last") else "contiguous")
+    if parser.get_parsed_content("compile"):
+        parts.append("compiled")
+    return ", ".join(parts)
+
+
+def conv_peak(threads: int | None = None, repeats: int = 10, device: str = "cpu") -> dict[str, float]:
+    """GFLOP/s of a 3×3 convolution (96→96 channels, 56², batch 8, forward) in fp32 contiguous, fp32
+    channels-last and bf16 channels-last: the machine's practical peak for the convolutions these networks run."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    conv = torch.nn.Conv2d(96, 96, 3, padding=1).to(dev)
+    x = torch.rand(8, 96, 56, 56, device=dev)
+    flops = 2 * 8 * 96 * 96 * 9 * 56 * 56
+    out = {}
+    for name, fmt, dtype in (("fp32 contiguous", torch.contiguous_format, None),
+                             ("fp32 channels-last", torch.channels_last, None),
+                             ("bf16 channels-last", torch.channels_last, torch.bfloat16)):
+        c, xi = conv.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+
+        def run() -> None:
+            with torch.no_grad(), torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                c(xi)
+
+        out[name] = flops / _timed(run, repeats, 3, sync) / 1e9
+    return out
 
 
 def _cost_in_child(kwargs: dict) -> dict:
@@ -234,20 +352,37 @@ def _cost_in_child(kwargs: dict) -> dict:
     return network_cost(**kwargs)
 
 
-def network_costs(networks: Iterable[str], **kwargs) -> list[dict]:
-    """:func:`network_cost` of each network, each in a fresh process (clean peak-memory figures)."""
+def network_costs(networks: Iterable[str], paths: Iterable[str] = ("fast",), **kwargs) -> list[dict]:
+    """:func:`network_cost` of each network on each path, each in a fresh process (clean peak-memory figures)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     rows = []
     for name in networks:
-        with ctx.Pool(1) as pool:
-            rows.append(pool.apply(_cost_in_child, ({"network": name, "threads": torch.get_num_threads(),
-                                                     **kwargs},)))
+        for path in paths:
+            with ctx.Pool(1) as pool:
+                rows.append(pool.apply(_cost_in_child, ({"network": name, "path": path,
+                                                         "threads": torch.get_num_threads(), **kwargs},)))
     return rows
 
 
-def print_network_table(rows: list[dict]) -> None:
+def json_rows(rows: list[dict]) -> list[dict]:
+    """The rows in the flat form of ``--json``: ``network``, ``path``, ``step_b<n>_s``, ``latency_b<n>_ms``,
+    ``peak_mb``, ``params_total``, ``params_trainable``, ``gflops`` (and the step's executed GFLOPs)."""
+    out = []
+    for r in rows:
+        flat = {"network": r["network"], "path": r["path"], "compute": r["compute"],
+                f"step_b{r['train_batch']}_s": r["step_s"], "first_step_s": r["first_step_s"]}
+        flat.update({f"latency_b{b}_ms": v * 1e3 for b, v in r["latency_s"].items()})
+        flat.update({k: r[k] for k in ("peak_mb", "params_total", "params_trainable", "gflops", "step_gflops")})
+        flat.update({"size": r["size"], "device": r["device"], "overrides": r["overrides"]})
+        out.append(flat)
+    return out
+
+
+def print_network_table(rows: list[dict], peak: dict[str, float] | None = None) -> None:
+    """Markdown table of :func:`network_costs` rows; with ``peak`` (:func:`conv_peak`), the step's achieved GFLOP/s
+    against the machine's 3×3-convolution peak, and each fast row's step and latency against its baseline row."""
     import math
 
     base = rows[0]
@@ -262,12 +397,98 @@ def print_network_table(rows: list[dict]) -> None:
         return
     bs = sorted(base["latency_s"])
     lat_cols = " | ".join(f"latency/image b{b} (ms)" for b in bs)
-    print(f"| network | text | params (M) total / trainable | GFLOPs/image | step b{base['train_batch']} (s) | "
-          f"{lat_cols} | peak memory (MB) | step vs {base['network']} |")
-    print("|---|---|---|---|---|" + "---|" * len(bs) + "---|---|")
+    print(f"| network | path | text | params (M) total / trainable | GFLOPs/image | step b{base['train_batch']} (s) | "
+          f"step GFLOP/s | {lat_cols} | peak memory (MB) | step vs {base['network']} ({base['path']}) |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(bs) + "---|")
     for r in rows:
         lat = " | ".join(f"{r['latency_s'][b] * 1e3:.1f}" for b in bs)
         settings = "".join(f", {k}={v}" for k, v in r["overrides"].items())
-        print(f"| {r['network']} ({r['class']}{settings}) | {'yes' if r['reads_text'] else 'no'} | "
-              f"{r['params_total'] / 1e6:.2f} / {r['params_trainable'] / 1e6:.2f} | {r['gflops']:.2f} | "
-              f"{r['step_s']:.3f} | {lat} | {r['peak_mb']:.0f} | {r['step_s'] / base['step_s']:.2f}× |")
+        print(f"| {r['network']} ({r['class']}{settings}) | {r['path']}: {r['compute']} | "
+              f"{'yes' if r['reads_text'] else 'no'} | {r['params_total'] / 1e6:.2f} / "
+              f"{r['params_trainable'] / 1e6:.2f} | {r['gflops']:.2f} | {r['step_s']:.3f} | "
+              f"{r['step_gflops'] / r['step_s']:.0f} | {lat} | {r['peak_mb']:.0f} | {r['step_s'] / base['step_s']:.2f}× |")
+    pairs = [(f, b) for f in rows for b in rows if f["path"] == "fast" and b["path"] == "baseline"
+             and f["network"] == b["network"]]
+    if pairs:
+        print("\n| network | fast / baseline: step | " + " | ".join(f"latency b{b}" for b in bs) + " | peak memory |")
+        print("|---|---|" + "---|" * len(bs) + "---|")
+        for f, b in pairs:
+            lat = " | ".join(f"{f['latency_s'][n] / b['latency_s'][n]:.2f}×" for n in bs)
+            print(f"| {f['network']} | {f['step_s'] / b['step_s']:.2f}× | {lat} | {f['peak_mb'] / b['peak_mb']:.2f}× |")
+    if peak:
+        print("\n3×3 convolution (96 channels, 56², batch 8, forward), GFLOP/s on this machine: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
+        best = max(peak.values())
+        for r in rows:
+            achieved = r["step_gflops"] / r["step_s"]
+            print(f"- {r['network']} {r['path']} step: {achieved:.0f} GFLOP/s = {achieved / best:.0%} of the best "
+                  f"convolution figure ({r['step_gflops']:.1f} GFLOP per step)")
+
+
+# -- fast path against fp32 on real images --------------------------------------------------------------------------
+
+def inference_agreement(
+    datalist: str | Path,
+    ckpt: str | Path,
+    split: str = "validation",
+    network: str = "tmca",
+    overrides: dict | None = None,
+    limit: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Masks of the fast path (the config's precision and memory format) against the fp32 contiguous path, for
+    the weights in ``ckpt`` on the ``split`` entries of ``datalist`` (``validate#preprocessing`` of train.yaml,
+    batch 8): the share of pixels on which the thresholded masks agree, the images whose masks differ, and the
+    per-image Dice of each path against the ground truth.
+    """
+    from monai.data import DataLoader, Dataset, load_decathlon_datalist
+    from monai.metrics import DiceMetric
+
+    from scripts.precision import Autocast
+
+    items = load_decathlon_datalist(str(datalist), True, split)[:limit]
+    paths = {}
+    for name, settings in (("fast", {}), ("baseline", BASELINE)):
+        parser = network_parser(network, {"datalist": str(datalist), **(overrides or {}), **settings})
+        net = parser.get_parsed_content("network")
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        net.load_state_dict(state.get("model", state), strict=True)
+        net.float().eval()
+        if name == "baseline":
+            from scripts.networks.text_encoder import configure_text_cache
+
+            configure_text_cache(net, 0)
+        inferer = Autocast(parser.get_parsed_content("validate#inferer"), "cpu",
+                           parser.get_parsed_content("compute_dtype"))
+        paths[name] = (net, inferer, parser.get_parsed_content("prepare_batch"), _describe_path(parser))
+    preprocessing = network_parser(network, {"datalist": str(datalist)}).get_parsed_content(
+        "train#deterministic_transforms")
+    from monai.transforms import Compose
+
+    loader = DataLoader(Dataset(items, Compose(preprocessing)), batch_size=8, num_workers=0)
+    agree = total = differing = 0
+    dice = {k: DiceMetric(include_background=True, ignore_empty=False) for k in paths}
+    seconds = dict.fromkeys(paths, 0.0)
+    for batch in loader:
+        masks = {}
+        for name, (net, inferer, prepare, _) in paths.items():
+            image, label, args, kwargs = prepare(batch, torch.device("cpu"))
+            start = time.perf_counter()
+            with torch.no_grad():
+                masks[name] = torch.sigmoid(inferer(image, net, *args, **kwargs)) > 0.5
+            seconds[name] += time.perf_counter() - start
+            dice[name](masks[name].float(), label)
+        same = masks["fast"] == masks["baseline"]
+        agree += int(same.sum())
+        total += same.numel()
+        differing += int((~same).flatten(1).any(1).sum())
+    result = {
+        "images": len(items), "pixel_agreement": agree / total, "images_with_a_differing_pixel": differing,
+        "dice_mean": {k: float(m.aggregate().mean()) for k, m in dice.items()},
+        "forward_s": seconds, "paths": {k: v[3] for k, v in paths.items()},
+    }
+    log(f"{len(items)} images of {split}: masks agree on {result['pixel_agreement']:.4%} of pixels; "
+        f"{differing} images differ in at least one pixel")
+    for k in paths:
+        log(f"  {k} ({result['paths'][k]}): dice_mean {result['dice_mean'][k]:.4f}, forward {seconds[k]:.1f} s")
+    return result

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from scripts.precision import Autocast
+
 logger = logging.getLogger(__name__)
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +88,9 @@ class _Segmenter:
         self.network.eval()
         self.preprocessing = self.parser.get_parsed_content("preprocessing")
         self.prepare_batch = self.parser.get_parsed_content("prepare_batch")
-        self.inferer = self.parser.get_parsed_content("inferer")
+        # the evaluator's compute path (autocast, predictions back in float32), without building its data loader
+        self.inferer = Autocast(self.parser.get_parsed_content("inferer"), self.device.type,
+                                self.parser.get_parsed_content("compute_dtype"))
         self.postprocessing = self.parser.get_parsed_content("postprocessing")
 
     def __call__(self, entry: dict) -> dict:

@@ -17,6 +17,8 @@ from monai.engines import IterationEvents, PrepareBatch, SupervisedEvaluator, Su
 from monai.handlers import CheckpointLoader, MLFlowHandler
 from monai.utils import CommonKeys as Keys
 
+from scripts.precision import Autocast
+
 __all__ = [
     "ReportPrepareBatch",
     "ResumeLoader",
@@ -26,6 +28,7 @@ __all__ = [
     "ProgressBar",
     "MetricsJsonWriter",
     "loss_terms",
+    "every_n_iterations",
     "latest_checkpoint",
 ]
 
@@ -41,11 +44,18 @@ class ReportPrepareBatch(PrepareBatch):
     Args:
         text_keys: network keyword → batch key, by default ``text_ids ← report_ids`` and
             ``text_mask ← report_mask``; ``{}`` for image-only networks such as MONAI's ``UNet``.
+        memory_format: of the B×C×H×W image on the device; ``torch.channels_last`` (with the network's weights
+            in the same format) lets the convolutions skip a layout conversion per call.
     """
 
-    def __init__(self, text_keys: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        text_keys: Mapping[str, str] | None = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> None:
         default = {"text_ids": "report_ids", "text_mask": "report_mask"}
         self.text_keys = dict(default if text_keys is None else text_keys)
+        self.memory_format = memory_format
 
     def __call__(
         self,
@@ -58,6 +68,8 @@ class ReportPrepareBatch(PrepareBatch):
             return x.to(device=device, non_blocking=non_blocking, **kwargs)
 
         image = to(batchdata[Keys.IMAGE])
+        if image.dim() == 4:
+            image = image.contiguous(memory_format=self.memory_format)
         label = batchdata.get(Keys.LABEL)
         text = {arg: to(batchdata[key]) for arg, key in self.text_keys.items() if key in batchdata}
         return image, None if label is None else to(label), (), text
@@ -128,6 +140,15 @@ class _NamedTerms:
         return out[Keys.LOSS]
 
 
+def _device_type(kwargs: Mapping[str, Any]) -> str:
+    """The engine's device type; refuses MONAI's ``amp``, which ``compute_dtype`` replaces (MONAI's engines
+    autocast only on CUDA, :class:`scripts.precision.Autocast` on any device)."""
+    if "amp" in kwargs or "amp_kwargs" in kwargs:
+        raise TypeError("set the config's `precision` (auto, bf16, fp16, fp32) instead of `amp`")
+    device = kwargs.get("device")
+    return torch.device(device).type if device is not None else "cpu"
+
+
 class SegmentationTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` for networks with auxiliary training outputs and losses with named terms.
 
@@ -136,12 +157,26 @@ class SegmentationTrainer(SupervisedTrainer):
     - In training mode the network may return a mapping with the logits under ``"pred"`` and whatever its losses
       need; the loss receives the whole mapping, while ``engine.state.output["pred"]`` holds the logits only,
       so post-processing and metrics see a plain B×C×H×W tensor.
+    - ``compute_dtype`` (:func:`scripts.precision.autocast_dtype`) runs the forward pass under autocast; the
+      loss, backward and optimizer step see float32 outputs. fp16 on CUDA goes through MONAI's ``amp`` with its
+      gradient scaler.
 
-    Takes the arguments of ``SupervisedTrainer``.
+    Takes the arguments of ``SupervisedTrainer`` except ``amp``/``amp_kwargs``, which ``compute_dtype`` sets.
     """
 
-    def __init__(self, *args: Any, train_handlers: Sequence | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        train_handlers: Sequence | None = None,
+        compute_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        device_type = _device_type(kwargs)
+        if compute_dtype is torch.float16 and device_type == "cuda":  # fp16 needs MONAI's gradient scaler
+            kwargs.update(amp=True, amp_kwargs={"dtype": torch.float16})
         super().__init__(*args, train_handlers=_drop_duplicate_trackers(train_handlers), **kwargs)
+        self.compute_dtype = compute_dtype
+        self.inferer = Autocast(self.inferer, device_type, compute_dtype)
         self.loss_function = _NamedTerms(self.loss_function)
         # before MODEL_COMPLETED, where MONAI decollates and post-processes the output
         self.add_event_handler(IterationEvents.LOSS_COMPLETED, self._unpack_output)
@@ -154,22 +189,51 @@ class SegmentationTrainer(SupervisedTrainer):
 
 
 class SegmentationEvaluator(SupervisedEvaluator):
-    """``SupervisedEvaluator`` that, like :class:`SegmentationTrainer`, merges a duplicate MLflow handler."""
+    """``SupervisedEvaluator`` that, like :class:`SegmentationTrainer`, merges a duplicate MLflow handler and runs
+    the forward pass in ``compute_dtype`` (predictions come back in float32)."""
 
-    def __init__(self, *args: Any, val_handlers: Sequence | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        val_handlers: Sequence | None = None,
+        compute_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        device_type = _device_type(kwargs)
         super().__init__(*args, val_handlers=_drop_duplicate_trackers(val_handlers), **kwargs)
+        self.compute_dtype = compute_dtype
+        self.inferer = Autocast(self.inferer, device_type, compute_dtype)
 
 
 class ProgressBar(_IgniteProgressBar):
-    """Ignite's tqdm progress bar, attachable from a config handler list, showing the running loss."""
+    """Ignite's tqdm progress bar, attachable from a config handler list, showing the running loss.
 
-    def __init__(self, output_transform: Callable | None = None, **kwargs: Any) -> None:
+    Args:
+        output_transform: values shown beside the bar.
+        every: refresh every this many iterations; reading the loss is a host sync on a GPU, so it is not done
+            at every step.
+    """
+
+    def __init__(self, output_transform: Callable | None = None, every: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._output_transform = output_transform
+        self.every = int(every)
 
     def attach(self, engine, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         kwargs.setdefault("output_transform", self._output_transform)
+        kwargs.setdefault("event_name", Events.ITERATION_COMPLETED(every=self.every))
         super().attach(engine, *args, **kwargs)
+
+
+def every_n_iterations(n: int) -> Callable[[Engine, int], bool]:
+    """Event filter for iteration-level logging handlers (``iteration_log``): True every ``n`` iterations and at
+    the last iteration of each epoch, so that an epoch shorter than ``n`` still leaves a point on the curves."""
+
+    def due(engine: Engine, iteration: int) -> bool:
+        length = engine.state.epoch_length
+        return iteration % int(n) == 0 or bool(length and iteration % length == 0)
+
+    return due
 
 
 class MetricsJsonWriter:

@@ -184,3 +184,33 @@ def test_alignment_loss_falls_on_demo_data(demo_dir):
         history.append(terms["loss_align"].item())
     assert math.isfinite(history[-1])
     assert np.mean(history[-5:]) < 0.9 * np.mean(history[:5]), history
+
+
+def test_out_of_play_rows_leave_the_loss_and_its_gradient_as_if_removed():
+    """Rows without report or lesion are masked, not indexed out (no host sync): loss and gradients must equal
+    those of the batch with the rows removed, and stay finite when no row takes part."""
+    torch.manual_seed(1)
+    image = torch.randn(5, 8, 4, 4, requires_grad=True)
+    text = torch.randn(5, 8, requires_grad=True)
+    mask = _masks(5, 16)
+    mask[3] = 0
+    present = torch.tensor([True, True, False, True, True])
+    group = torch.tensor([0, 1, 2, 3, 0])
+    keep = torch.tensor([0, 1, 4])
+    for target_sensitive in (True, False):
+        # without the target a lesion-free image still takes part: row 3 then leaves through its report
+        p = present if target_sensitive else present & (torch.arange(5) != 3)
+        full = alignment_loss(image, text, mask, group, p, target_sensitive=target_sensitive)
+        sub = alignment_loss(image[keep], text[keep], mask[keep], group[keep], p[keep],
+                             target_sensitive=target_sensitive)
+        for a, b in zip(full, sub):
+            torch.testing.assert_close(a, b)
+        g_full = torch.autograd.grad(sum(full), [image, text])
+        g_sub = torch.autograd.grad(sum(sub), [image, text])
+        for gf, gs in zip(g_full, g_sub):
+            torch.testing.assert_close(gf[keep], gs[keep])
+            assert gf[[2, 3]].abs().max() == 0
+    nobody = alignment_loss(image, text, mask, group, torch.zeros(5, dtype=torch.bool))
+    assert all(float(x) == 0.0 for x in nobody)
+    grads = torch.autograd.grad(sum(nobody), [image, text])
+    assert all(torch.isfinite(g).all() and g.abs().max() == 0 for g in grads)

@@ -64,9 +64,11 @@ class TargetEnhancement(nn.Module):
 
 
 def report_groups(text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each sample's distinct report within the batch (B long): equal reports share an index."""
+    """Index of each sample's distinct report within the batch (B long): equal reports share an index (that of
+    their first sample). Pairwise comparison rather than ``torch.unique``, which waits for the device."""
     keyed = text_ids.long() * text_mask.long()
-    return torch.unique(keyed, dim=0, return_inverse=True)[1]
+    same = (keyed[:, None, :] == keyed[None, :, :]).all(dim=2)
+    return same.to(torch.uint8).argmax(dim=1)  # the first maximum: the first sample with this report
 
 
 class TMCA(GuideDecoder):
