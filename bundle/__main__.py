@@ -77,6 +77,15 @@ def _bench_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_switches(args: argparse.Namespace) -> int:
+    from bundle.bench import machine, switch_ablation
+
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} · {machine()}")
+    switch_ablation(args.network, size=args.size, train_batch=args.train_batch, rounds=args.rounds,
+                    compile_variant=args.compile, overrides=_overrides(args.set))
+    return 0
+
+
 def _machine() -> str:
     from bundle.bench import machine
 
@@ -231,6 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--rows", type=int, default=25)
     bp.add_argument("--set", nargs="+", metavar="ID=VALUE", help="config overrides (values as JSON or text)")
     bp.set_defaults(func=_bench_profile)
+    bs = bench_sub.add_parser("switches", help="training step of the fast path with each of its switches turned off")
+    bs.add_argument("--network", default="tmca")
+    bs.add_argument("--size", type=int, default=224)
+    bs.add_argument("--train-batch", type=int, default=8)
+    bs.add_argument("--rounds", type=int, default=6)
+    bs.add_argument("--compile", action="store_true", help="add a torch.compile variant (minutes of compilation)")
+    bs.add_argument("--set", nargs="+", metavar="ID=VALUE", help="config overrides (values as JSON or text)")
+    bs.set_defaults(func=_bench_switches)
     ba = bench_sub.add_parser("agreement", help="masks of the fast path against the fp32 path on real images")
     ba.add_argument("--datalist", required=True, help="a datalist JSON (e.g. of QaTa-COV19)")
     ba.add_argument("--ckpt", default="models/model.pt", help="weights (default: the shipped model)")

@@ -18,7 +18,7 @@ from scripts import BUNDLE_DIR
 
 __all__ = [
     "BASELINE", "conv_peak", "data_pipeline_throughput", "inference_agreement", "json_rows", "network_cost",
-    "network_costs", "profile_step", "samples_per_second",
+    "network_costs", "profile_step", "samples_per_second", "switch_ablation",
 ]
 
 
@@ -399,7 +399,7 @@ def print_network_table(rows: list[dict], peak: dict[str, float] | None = None) 
     lat_cols = " | ".join(f"latency/image b{b} (ms)" for b in bs)
     print(f"| network | path | text | params (M) total / trainable | GFLOPs/image | step b{base['train_batch']} (s) | "
           f"step GFLOP/s | {lat_cols} | peak memory (MB) | step vs {base['network']} ({base['path']}) |")
-    print("|---|---|---|---|---|---|---|" + "---|" * len(bs) + "---|")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(bs) + "---|---|")
     for r in rows:
         lat = " | ".join(f"{r['latency_s'][b] * 1e3:.1f}" for b in bs)
         settings = "".join(f", {k}={v}" for k, v in r["overrides"].items())
@@ -491,4 +491,73 @@ def inference_agreement(
         f"{differing} images differ in at least one pixel")
     for k in paths:
         log(f"  {k} ({result['paths'][k]}): dice_mean {result['dice_mean'][k]:.4f}, forward {seconds[k]:.1f} s")
+    return result
+
+
+# -- what each switch of the fast path is worth ---------------------------------------------------------------------
+
+# each variant differs from the config's fast path in the settings named; "baseline" switches all of them off
+SWITCH_VARIANTS: dict[str, dict] = {
+    "fast": {},
+    "fp32 (no autocast)": {"precision": "fp32"},
+    "contiguous (no channels-last)": {"channels_last": False},
+    "per-parameter AdamW (not fused)": {"optimizer#fused": False},
+    "no text cache": {"text_cache": False},
+    "baseline": {**BASELINE, "text_cache": False},
+}
+
+
+def switch_ablation(
+    network: str = "tmca",
+    size: int = 224,
+    train_batch: int = 8,
+    rounds: int = 6,
+    compile_variant: bool = False,
+    overrides: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, float]]:
+    """Median training-step seconds of the fast path, of each single switch turned off, and of the baseline, all
+    built in this process and timed in interleaved rounds (each round runs every variant once), so that machine
+    noise spreads over all of them alike. ``compile_variant`` adds ``compile=true`` and reports its first step
+    (compilation) separately."""
+    import statistics
+
+    from scripts.networks.text_encoder import configure_text_cache
+    from scripts.transforms import TokenizeReport
+
+    variants = dict(SWITCH_VARIANTS)
+    if compile_variant:
+        variants["compiled"] = {"compile": True}
+    steps, first = {}, {}
+    for name, settings in variants.items():
+        settings = dict(settings)
+        cache = settings.pop("text_cache", True)
+        parser = network_parser(network, {"device": "$torch.device('cpu')", **_ENGINE_ONLY, **(overrides or {}),
+                                          **settings})
+        if not cache:
+            configure_text_cache(parser.get_parsed_content("network"), 0)
+        tokens = TokenizeReport(parser.get_parsed_content("text_encoder_dir"), max_length=parser["max_report_tokens"])
+        ids, mask = tokens(_BENCH_REPORT)
+        in_channels = int(parser["network_def"].get("in_channels", 1))
+        steps[name] = _trainer_step(parser, _synthetic_batch(train_batch, in_channels, size, ids, mask))
+        start = time.perf_counter()
+        steps[name]()
+        first[name] = time.perf_counter() - start
+        steps[name]()  # second warm-up step
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["baseline"])
+    result = {}
+    log(f"| variant of {network} (batch {train_batch}, {size}²) | step (s, median of {rounds}) | vs baseline | "
+        "vs fast | first step (s) |")
+    log("|---|---|---|---|---|")
+    fast = statistics.median(times["fast"])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        result[name] = {"step_s": med, "first_step_s": first[name]}
+        log(f"| {name} | {med:.3f} | {med / base:.2f}× | {med / fast:.2f}× | {first[name]:.1f} |")
     return result

@@ -120,3 +120,34 @@ def test_conv_peak_measures_the_three_layouts():
     peak = conv_peak(repeats=1)
     assert set(peak) == {"fp32 contiguous", "fp32 channels-last", "bf16 channels-last"}
     assert all(v > 0 for v in peak.values())
+
+
+def test_agreement_compares_the_fast_path_with_fp32_on_real_weights(demo_dir, tmp_path):
+    from bundle.bench import inference_agreement, network_parser
+
+    overrides = {"spatial_size": [64, 64], "precision": "bf16"}
+    net = network_parser("tmca", overrides).get_parsed_content("network_def")
+    torch.save({"model": net.state_dict()}, tmp_path / "model.pt")
+    lines = []
+    result = inference_agreement(demo_dir / "datalist.json", tmp_path / "model.pt", overrides=overrides, limit=4,
+                                 log=lines.append)
+    assert result["images"] == 4 and 0.9 < result["pixel_agreement"] <= 1.0
+    assert result["paths"] == {"fast": "bf16 autocast, channels-last", "baseline": "fp32, contiguous"}
+    assert set(result["dice_mean"]) == {"fast", "baseline"} and "masks agree on" in lines[0]
+
+
+def test_profile_prints_the_top_operators_of_the_trainer_step():
+    from bundle.bench import profile_step
+
+    table = profile_step("tmca_image_only", size=64, train_batch=2, steps=1, rows=5)
+    assert table.startswith("tmca_image_only fast (") and "Self CPU" in table
+    assert "convolution" in table  # a ConvNeXt step is dominated by convolutions
+
+
+def test_switch_ablation_times_every_variant_of_the_same_network():
+    from bundle.bench import SWITCH_VARIANTS, switch_ablation
+
+    lines = []
+    result = switch_ablation("tmca_image_only", size=64, train_batch=2, rounds=1, log=lines.append)
+    assert list(result) == list(SWITCH_VARIANTS) and all(r["step_s"] > 0 for r in result.values())
+    assert lines[0].startswith("| variant of tmca_image_only") and len(lines) == 2 + len(SWITCH_VARIANTS)

@@ -38,3 +38,15 @@ def test_latest_checkpoint_picks_the_highest_epoch(tmp_path):
         (tmp_path / f"checkpoint_epoch={epoch}.pt").touch()
     (tmp_path / "model.pt").touch()
     assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
+
+
+def test_logging_filter_fires_every_n_iterations_and_at_each_epoch_end():
+    from types import SimpleNamespace
+
+    from scripts.engine import every_n_iterations
+
+    due = every_n_iterations(10)
+    engine = SimpleNamespace(state=SimpleNamespace(epoch_length=25))
+    assert [i for i in range(1, 51) if due(engine, i)] == [10, 20, 25, 30, 40, 50]
+    short = SimpleNamespace(state=SimpleNamespace(epoch_length=3))  # an epoch shorter than the interval
+    assert [i for i in range(1, 7) if due(short, i)] == [3, 6]
