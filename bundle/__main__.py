@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     dc.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     dc.add_argument("--prepare", metavar="DIR", help="instead: write the payload a bare GPU machine needs to DIR")
     dc.add_argument("--qata", default="../shared/data/qata", help="with --prepare: the QaTa-COV19 folder")
-    dc.add_argument("--num-images", type=int, default=384, help="with --prepare: training images to include")
+    dc.add_argument("--num-images", type=int, default=128, help="with --prepare: training images to include")
     dc.set_defaults(func=_device_check)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

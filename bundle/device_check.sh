@@ -9,7 +9,7 @@
 # QATA_DIR (default ../shared/data/qata). On a bare GPU machine (PyTorch and transformers only, no network) it
 # takes what is missing from .device_payload/, written beforehand on a machine with the bundle installed:
 #
-#   python -m bundle device-check --prepare .device_payload   # wheels, the text encoder in fp16, 384 QaTa images
+#   python -m bundle device-check --prepare .device_payload  # wheels, the text encoder in fp16, 128 QaTa images
 #
 # and copied along (the device tool: carry [".device_payload"]). CPU mode, for the tests: STEPS=3 DEVICE=cpu
 # BATCH=2 ENCODER=cpu SIZE=64 WARMUP=1 bundle/device_check.sh 3 0

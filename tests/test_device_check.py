@@ -34,9 +34,9 @@ def test_device_check_script_runs_on_cpu_and_prints_its_figures(small_qata, tmp_
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| device | compute | workers | batch |" in proc.stdout and "| cpu |" in proc.stdout
-    assert "compute path on cpu" in proc.stdout + proc.stderr
+    assert "compute path on cpu" in proc.stdout + proc.stderr and "repeated to 8" in proc.stdout + proc.stderr
     (result,) = json.loads((tmp_path / "device_check.json").read_text())["results"]
-    # 4 steps on 3 batches of 2: the loader restarted; 3 steps timed after 1 of warm-up
+    # 4 steps of batch 2 need 8 entries: the 6 images were repeated; 3 steps timed after 1 of warm-up
     assert result["steps"] == 4 and result["timed_steps"] == 3 and result["batch_size"] == 2
     assert result["samples_per_s"] > 0 and 0 <= result["data_wait_fraction"] < 1 and result["step_s"] > 0
     assert math.isfinite(result["loss_first"]) and math.isfinite(result["loss_last"])
