@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, config
 
 from scripts.zones import report_zones
 
@@ -73,3 +73,16 @@ def test_every_qata_report_matches_its_template():
     texts = sorted({p.read_text().strip() for p in reports.glob("*.txt")})
     wrong = [t for t in texts if not np.array_equal(report_zones(t), _template_zones(t))]
     assert len(texts) > 150 and wrong == []
+
+
+@pytest.mark.parametrize("workflow", ["train.yaml", "inference.yaml"])
+def test_ssa_guidance_follows_the_config_s_one_side_convention(workflow):
+    """configs/networks/ssa.yaml once hard-coded the QaTa convention: switching report_left_is_image_left changed
+    the validation zones but not SSA's guidance."""
+    from monai.bundle import ConfigParser
+
+    for convention in (True, False):
+        parser = ConfigParser()
+        parser.read_config([config(workflow), config("networks/ssa.yaml")])
+        parser["report_left_is_image_left"] = convention
+        assert parser.get_parsed_content("network_def").zone_guidance.left_is_image_left is convention
