@@ -155,14 +155,46 @@ _ENGINE_ONLY = {
 }
 
 
-def _synthetic_batch(b: int, in_channels: int, size: int, ids: torch.Tensor, mask: torch.Tensor) -> dict:
-    g = torch.Generator().manual_seed(b)
-    return {
-        "image": torch.rand(b, in_channels, size, size, generator=g),
-        "label": (torch.rand(b, 1, size, size, generator=g) > 0.7).float(),
-        "report_ids": ids[None].expand(b, -1).clone(),
-        "report_mask": mask[None].expand(b, -1).clone(),
-    }
+def _variant_parser(network: str, settings: dict, device: str = "cpu", text_cache: bool = True):
+    """The config of ``network`` with ``settings`` on top, engines without data, handlers or metrics; with
+    ``text_cache=False`` the frozen text encoder's cache is switched off (it has no config key)."""
+    from scripts.networks.text_encoder import configure_text_cache
+
+    parser = network_parser(network, {"device": f"$torch.device('{device}')", **_ENGINE_ONLY, **settings})
+    if not text_cache:
+        configure_text_cache(parser.get_parsed_content("network"), 0)
+    return parser
+
+
+def _path_parser(network: str, path: str, overrides: dict | None = None, device: str = "cpu"):
+    """:func:`_variant_parser` for ``path`` ``fast`` (the config with ``overrides``) or ``baseline`` (the same
+    with :data:`BASELINE` on top and the text cache off)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    baseline = path == "baseline"
+    settings = {**(overrides or {}), **(BASELINE if baseline else {})}
+    return _variant_parser(network, settings, device, text_cache=not baseline)
+
+
+def _batch_maker(parser) -> Callable[[int, int], dict]:
+    """``make(b, size)``: a random B×C×size×size batch with masks and the benchmark report tokenised as the config
+    tokenises reports (the tokenizer is loaded once)."""
+    from scripts.transforms import TokenizeReport
+
+    tokens = TokenizeReport(parser.get_parsed_content("text_encoder_dir"), max_length=parser["max_report_tokens"])
+    ids, mask = tokens(_BENCH_REPORT)
+    in_channels = int(parser["network_def"].get("in_channels", 1))
+
+    def make(b: int, size: int) -> dict:
+        g = torch.Generator().manual_seed(b)
+        return {
+            "image": torch.rand(b, in_channels, size, size, generator=g),
+            "label": (torch.rand(b, 1, size, size, generator=g) > 0.7).float(),
+            "report_ids": ids[None].expand(b, -1).clone(),
+            "report_mask": mask[None].expand(b, -1).clone(),
+        }
+
+    return make
 
 
 def network_cost(
@@ -197,23 +229,13 @@ def network_cost(
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from scripts.networks.text_encoder import configure_text_cache
-    from scripts.transforms import TokenizeReport
-
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    settings = {**(overrides or {}), **(BASELINE if path == "baseline" else {})}
-    parser = network_parser(network, {"device": f"$torch.device('{device}')", **_ENGINE_ONLY, **settings})
+    parser = _path_parser(network, path, overrides, device)
     dev = torch.device(device)
     net = parser.get_parsed_content("network")
-    if path == "baseline":
-        configure_text_cache(net, 0)
     prepare = parser.get_parsed_content("prepare_batch")
     # a network reads the report when the batch hands it the tokens and it has a text path (TMCA's use_text)
     reads_text = bool(prepare.text_keys) and getattr(net, "use_text", True)
-    in_channels = int(parser["network_def"].get("in_channels", 1))
-    tokens = TokenizeReport(parser.get_parsed_content("text_encoder_dir"), max_length=parser["max_report_tokens"])
-    ids, mask = tokens(_BENCH_REPORT)
+    make_batch = _batch_maker(parser)
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     total = sum(p.numel() for p in net.parameters())
@@ -223,7 +245,7 @@ def network_cost(
     rss_before = _rss_mb()
 
     net.eval()
-    one = _synthetic_batch(1, in_channels, size, ids, mask)
+    one = make_batch(1, size)
     text1 = {"text_ids": one["report_ids"].to(dev), "text_mask": one["report_mask"].to(dev)} if reads_text else {}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net(one["image"].to(dev), **text1)
@@ -241,7 +263,7 @@ def network_cost(
     evaluator = parser.get_parsed_content("validate#evaluator")
     latency = {}
     for b in batch_sizes:
-        image, _, args, kwargs = evaluator.prepare_batch(_synthetic_batch(b, in_channels, size, ids, mask), dev)
+        image, _, args, kwargs = evaluator.prepare_batch(make_batch(b, size), dev)
 
         def forward() -> None:
             with torch.no_grad():
@@ -250,7 +272,7 @@ def network_cost(
         net.eval()
         latency[b] = _timed(forward, repeats, warmup, sync) / b
 
-    step = _trainer_step(parser, _synthetic_batch(train_batch, in_channels, size, ids, mask))
+    step = _trainer_step(parser, make_batch(train_batch, size))
     start = time.perf_counter()
     step()  # the first step: text cache misses, oneDNN primitive creation, and compilation with compile=true
     sync()
@@ -293,17 +315,8 @@ def profile_step(
     after two warm-up steps; forward and backward operators (``autograd::engine`` rows are backward nodes)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from scripts.networks.text_encoder import configure_text_cache
-    from scripts.transforms import TokenizeReport
-
-    settings = {**(overrides or {}), **(BASELINE if path == "baseline" else {})}
-    parser = network_parser(network, {"device": "$torch.device('cpu')", **_ENGINE_ONLY, **settings})
-    if path == "baseline":
-        configure_text_cache(parser.get_parsed_content("network"), 0)
-    tokens = TokenizeReport(parser.get_parsed_content("text_encoder_dir"), max_length=parser["max_report_tokens"])
-    ids, mask = tokens(_BENCH_REPORT)
-    in_channels = int(parser["network_def"].get("in_channels", 1))
-    step = _trainer_step(parser, _synthetic_batch(train_batch, in_channels, size, ids, mask))
+    parser = _path_parser(network, path, overrides)
+    step = _trainer_step(parser, _batch_maker(parser)(train_batch, size))
     for _ in range(2):
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -437,35 +450,29 @@ def inference_agreement(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Masks of the fast path (the config's precision and memory format) against the fp32 contiguous path, for
-    the weights in ``ckpt`` on the ``split`` entries of ``datalist`` (``validate#preprocessing`` of train.yaml,
+    the weights in ``ckpt`` on the ``split`` entries of ``datalist`` (train.yaml's deterministic transforms,
     batch 8): the share of pixels on which the thresholded masks agree, the images whose masks differ, and the
     per-image Dice of each path against the ground truth.
     """
     from monai.data import DataLoader, Dataset, load_decathlon_datalist
     from monai.metrics import DiceMetric
+    from monai.transforms import Compose
 
     from scripts.precision import Autocast
 
     items = load_decathlon_datalist(str(datalist), True, split)[:limit]
     paths = {}
-    for name, settings in (("fast", {}), ("baseline", BASELINE)):
-        parser = network_parser(network, {"datalist": str(datalist), **(overrides or {}), **settings})
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    for name in PATHS:
+        parser = _path_parser(network, name, {"datalist": str(datalist), **(overrides or {})})
         net = parser.get_parsed_content("network")
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
         net.load_state_dict(state.get("model", state), strict=True)
         net.float().eval()
-        if name == "baseline":
-            from scripts.networks.text_encoder import configure_text_cache
-
-            configure_text_cache(net, 0)
         inferer = Autocast(parser.get_parsed_content("validate#inferer"), "cpu",
                            parser.get_parsed_content("compute_dtype"))
         paths[name] = (net, inferer, parser.get_parsed_content("prepare_batch"), _describe_path(parser))
-    preprocessing = network_parser(network, {"datalist": str(datalist)}).get_parsed_content(
-        "train#deterministic_transforms")
-    from monai.transforms import Compose
-
-    loader = DataLoader(Dataset(items, Compose(preprocessing)), batch_size=8, num_workers=0)
+    preprocessing = Compose(parser.get_parsed_content("train#deterministic_transforms"))
+    loader = DataLoader(Dataset(items, preprocessing), batch_size=8, num_workers=0)
     agree = total = differing = 0
     dice = {k: DiceMetric(include_background=True, ignore_empty=False) for k in paths}
     seconds = dict.fromkeys(paths, 0.0)
@@ -522,9 +529,6 @@ def switch_ablation(
     (compilation) separately."""
     import statistics
 
-    from scripts.networks.text_encoder import configure_text_cache
-    from scripts.transforms import TokenizeReport
-
     variants = dict(SWITCH_VARIANTS)
     if compile_variant:
         variants["compiled"] = {"compile": True}
@@ -532,14 +536,8 @@ def switch_ablation(
     for name, settings in variants.items():
         settings = dict(settings)
         cache = settings.pop("text_cache", True)
-        parser = network_parser(network, {"device": "$torch.device('cpu')", **_ENGINE_ONLY, **(overrides or {}),
-                                          **settings})
-        if not cache:
-            configure_text_cache(parser.get_parsed_content("network"), 0)
-        tokens = TokenizeReport(parser.get_parsed_content("text_encoder_dir"), max_length=parser["max_report_tokens"])
-        ids, mask = tokens(_BENCH_REPORT)
-        in_channels = int(parser["network_def"].get("in_channels", 1))
-        steps[name] = _trainer_step(parser, _synthetic_batch(train_batch, in_channels, size, ids, mask))
+        parser = _variant_parser(network, {**(overrides or {}), **settings}, text_cache=cache)
+        steps[name] = _trainer_step(parser, _batch_maker(parser)(train_batch, size))
         start = time.perf_counter()
         steps[name]()
         first[name] = time.perf_counter() - start

@@ -149,6 +149,13 @@ def _device_type(kwargs: Mapping[str, Any]) -> str:
     return torch.device(device).type if device is not None else "cpu"
 
 
+def _autocast_forward(engine: SupervisedTrainer | SupervisedEvaluator, device_type: str,
+                      compute_dtype: torch.dtype | None) -> None:
+    """Runs the engine's inferer (its forward pass) under ``compute_dtype`` autocast, outputs back in float32."""
+    engine.compute_dtype = compute_dtype
+    engine.inferer = Autocast(engine.inferer, device_type, compute_dtype)
+
+
 class SegmentationTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` for networks with auxiliary training outputs and losses with named terms.
 
@@ -175,8 +182,7 @@ class SegmentationTrainer(SupervisedTrainer):
         if compute_dtype is torch.float16 and device_type == "cuda":  # fp16 needs MONAI's gradient scaler
             kwargs.update(amp=True, amp_kwargs={"dtype": torch.float16})
         super().__init__(*args, train_handlers=_drop_duplicate_trackers(train_handlers), **kwargs)
-        self.compute_dtype = compute_dtype
-        self.inferer = Autocast(self.inferer, device_type, compute_dtype)
+        _autocast_forward(self, device_type, compute_dtype)
         self.loss_function = _NamedTerms(self.loss_function)
         # before MODEL_COMPLETED, where MONAI decollates and post-processes the output
         self.add_event_handler(IterationEvents.LOSS_COMPLETED, self._unpack_output)
@@ -201,8 +207,7 @@ class SegmentationEvaluator(SupervisedEvaluator):
     ) -> None:
         device_type = _device_type(kwargs)
         super().__init__(*args, val_handlers=_drop_duplicate_trackers(val_handlers), **kwargs)
-        self.compute_dtype = compute_dtype
-        self.inferer = Autocast(self.inferer, device_type, compute_dtype)
+        _autocast_forward(self, device_type, compute_dtype)
 
 
 class ProgressBar(_IgniteProgressBar):
