@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scripts.losses.segmentation import DiceBCELoss
-from scripts.losses.tmca import multi_positive_nce
+from scripts.losses.contrastive import graph_zero, multi_positive_nce
 
 __all__ = ["RecLMISLoss", "token_max_similarity", "token_contrastive_loss"]
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from scripts.losses.segmentation import DiceBCELoss
-from scripts.losses.tmca import multi_positive_nce
+from scripts.losses.contrastive import graph_zero, multi_positive_nce
 from scripts.networks.transport import cosine_cost, sinkhorn, transport_cost
 
 __all__ = ["SSALoss", "ot_alignment_loss", "outside_zones_loss"]

@@ -8,24 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scripts.losses.contrastive import multi_positive_nce
 from scripts.losses.segmentation import DiceBCELoss
 
-__all__ = ["TMCALoss", "alignment_loss", "multi_positive_nce"]
-
-
-def multi_positive_nce(
-    logits: torch.Tensor, positives: torch.Tensor, row_weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mean over rows of ``-log(Σ_pos exp(logit) / Σ_all exp(logit))``; every row needs one positive.
-
-    ``row_weight`` (B bool or float) averages over the weighted rows only (0 when no row counts).
-    """
-    pos = logits.masked_fill(~positives, float("-inf")).logsumexp(dim=1)
-    per_row = logits.logsumexp(dim=1) - pos
-    if row_weight is None:
-        return per_row.mean()
-    w = row_weight.to(per_row.dtype)
-    return (per_row * w).sum() / w.sum().clamp_min(1.0)
+__all__ = ["TMCALoss", "alignment_loss"]
 
 
 def alignment_loss(

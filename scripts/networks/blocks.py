@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 import torch
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
@@ -12,7 +14,67 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "TextProjector", "TokenPool", "GuideLayer", "PixelLevelAttention", "cross_attention_kernel", "sincos_positions",
+    "ReportText", "TrainingOutput", "report_groups", "report_bookkeeping", "with_fallback_token",
 ]
+
+
+def report_groups(text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each sample's distinct report within the batch (B long): equal reports share an index (that of
+    their first sample); padding is ignored. Pairwise comparison rather than ``torch.unique``, which waits for the
+    device."""
+    keyed = text_ids.long() * text_mask.long()
+    same = (keyed[:, None, :] == keyed[None, :, :]).all(dim=2)
+    return same.to(torch.uint8).argmax(dim=1)  # the first maximum: the first sample with this report
+
+
+def report_bookkeeping(
+    text_ids: torch.Tensor | None, mask: torch.Tensor | None, batch: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which samples have a report (B bool) and which share one (B long, :func:`report_groups`); without text
+    every sample is report-free and in group 0. The contrastive losses read both: samples with the same report are
+    positives of each other, report-free samples take no part."""
+    if text_ids is None or mask is None:
+        return torch.zeros(batch, dtype=torch.bool, device=device), torch.zeros(batch, dtype=torch.long, device=device)
+    return mask.any(dim=1), report_groups(text_ids, mask)
+
+
+def with_fallback_token(valid: torch.Tensor) -> torch.Tensor:
+    """A B×L token mask in which rows without any valid token count every token as valid, so that softmax,
+    attention and max over the row stay finite. Such rows belong to samples without a report: the losses give
+    them zero weight, and finite values keep them in the graph without NaN gradients."""
+    return valid | ~valid.any(dim=1, keepdim=True)
+
+
+@dataclass
+class ReportText:
+    """A batch's reports as the decoder stages read them.
+
+    Attributes:
+        states: B×L×D text-encoder token states; None when the network has no text path or the call gave no text.
+        mask: B×L bool, True for real tokens (None with ``states``).
+        present: B bool, False for samples without a report.
+        group: B long, equal for samples with the same report (:func:`report_groups`).
+        aux: training outputs the stages add on the way (TMCA's enhancement maps, SSA's transport plan, ...).
+    """
+
+    states: torch.Tensor | None
+    mask: torch.Tensor | None
+    present: torch.Tensor
+    group: torch.Tensor
+    aux: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingOutput(TypedDict):
+    """What a text-guided network returns in ``train()`` mode, read by its loss; networks extend it.
+
+    - ``pred``: B×out_channels×H×W logits;
+    - ``text_present``: B bool, False for samples without a report;
+    - ``text_group``: B long, equal for samples with the same report.
+    """
+
+    pred: torch.Tensor
+    text_present: torch.Tensor
+    text_group: torch.Tensor
 
 
 @functools.lru_cache(maxsize=64)
