@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import tokenize_reports
 from scripts.losses import TMCALoss, alignment_loss
 from scripts.networks import TMCA
-from scripts.networks.tmca import report_groups
+from scripts.networks.blocks import report_groups
 from scripts.transforms import RandDropReportd, TokenizeReport
 
 

@@ -86,3 +86,45 @@ def test_ssa_guidance_follows_the_config_s_one_side_convention(workflow):
         parser.read_config([config(workflow), config("networks/ssa.yaml")])
         parser["report_left_is_image_left"] = convention
         assert parser.get_parsed_content("network_def").zone_guidance.left_is_image_left is convention
+
+
+@pytest.mark.parametrize("left_is_image_left", [True, False])
+def test_zones_on_the_data_path_give_the_guidance_of_decoded_token_ids(left_is_image_left, monkeypatch):
+    """ReportZonesd's raster (the data path) and the decoded token ids (MONAI Label) must guide SSA alike; with
+    zones given, SSA does not decode the report at all."""
+    import torch
+    from conftest import tokenize_reports
+
+    from scripts.networks.ssa import SSA, ZoneGuidance, guidance_from_zones
+    from scripts.text import default_text_encoder_dir
+    from scripts.transforms import ReportZonesd
+
+    reports = ["lower left lung.", "", "pulmonary infection.", "Bilateral upper zones and right middle zone."]
+    zones_d = ReportZonesd(left_is_image_left=left_is_image_left)
+    raster = torch.stack([zones_d({"report": r, "image": torch.zeros(1, 64, 96)})["zones"] for r in reports])
+    ids, mask = tokenize_reports(reports)
+    decoded, decoded_guided = ZoneGuidance(default_text_encoder_dir(), left_is_image_left)(ids, mask, (64, 96))
+    guidance, guided = guidance_from_zones(raster)
+    assert guided.tolist() == decoded_guided.tolist() == [True, False, False, True]
+    torch.testing.assert_close(guidance, decoded)
+
+    net = SSA(left_is_image_left=left_is_image_left).train()
+    monkeypatch.setattr(ZoneGuidance, "decode", lambda *a: pytest.fail("decoded although zones were given"))
+    out = net(torch.rand(4, 1, 64, 96), ids, mask, zones=raster)
+    torch.testing.assert_close(out["guidance"], decoded)
+
+
+def test_ssa_config_hands_the_batch_zones_to_the_network(demo_dir):
+    """train.yaml rasters the zones after the random transforms; ssa.yaml's prepare_batch passes them on."""
+    from monai.bundle import ConfigParser
+    from monai.data import list_data_collate
+
+    parser = ConfigParser()
+    parser.read_config([config("train.yaml"), config("networks/ssa.yaml")])
+    parser.update({"dataset_dir": str(demo_dir), "spatial_size": [64, 64]})
+    items = parser.get_parsed_content("train#datalist")[:2]
+    transform = parser.get_parsed_content("train#preprocessing")
+    batch = list_data_collate([transform(i) for i in items])
+    assert batch["zones"].shape == (2, 1, 64, 64)
+    _, _, _, kwargs = parser.get_parsed_content("prepare_batch")(batch, "cpu")
+    assert set(kwargs) == {"text_ids", "text_mask", "zones"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["multi_positive_nce", "graph_zero"]
+__all__ = ["multi_positive_nce", "symmetric_batch_nce", "graph_zero"]
 
 
 def multi_positive_nce(
@@ -27,6 +27,41 @@ def multi_positive_nce(
         return per_row.mean()
     w = row_weight.to(per_row.dtype)
     return (per_row * w).sum() / w.sum().clamp_min(1.0)
+
+
+def symmetric_batch_nce(
+    logits: torch.Tensor,
+    group: torch.Tensor,
+    valid: torch.Tensor,
+    extra_column: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE over a batch in both directions, among the samples that take part (``valid``), with samples of the
+    same report as positives of each other, never negatives.
+
+    Every row is computed and the rows out of play are masked, rather than selected with ``valid.any()`` and
+    boolean indexing: those wait for the device at every step. A row out of play keeps only its diagonal logit as
+    both candidate and positive, so its loss is exactly 0 with zero gradient; other rows never see it.
+
+    Args:
+        logits: B×B scores, rows images, columns reports.
+        group: B long, equal for equal reports.
+        valid: B bool, the samples that take part.
+        extra_column: B×1 extra negative of each report's row in the report → image direction (TMCA's background
+            embedding of the report's own image), or None.
+
+    Returns:
+        ``(image_to_report, report_to_image)`` losses; zero when no sample takes part.
+    """
+    eye = torch.eye(len(valid), dtype=torch.bool, device=valid.device)
+    pair = valid[:, None] & valid[None, :]
+    alone = eye & ~valid[:, None]
+    same = (group[:, None] == group[None, :]) & pair | alone
+    logits = logits.masked_fill(~(pair | alone), float("-inf"))
+    report_logits, report_pos = logits.T, same.T
+    if extra_column is not None:
+        report_logits = torch.cat([report_logits, extra_column.masked_fill(~valid[:, None], float("-inf"))], dim=1)
+        report_pos = torch.cat([report_pos, torch.zeros_like(extra_column, dtype=torch.bool)], dim=1)
+    return multi_positive_nce(logits, same, valid), multi_positive_nce(report_logits, report_pos, valid)
 
 
 def graph_zero(*tensors: torch.Tensor | None) -> torch.Tensor:

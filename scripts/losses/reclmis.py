@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from scripts.losses.segmentation import DiceBCELoss
-from scripts.losses.contrastive import graph_zero, multi_positive_nce
+from scripts.losses.contrastive import symmetric_batch_nce
+from scripts.networks.blocks import with_fallback_token
 
 __all__ = ["RecLMISLoss", "token_max_similarity", "token_contrastive_loss"]
 
@@ -74,22 +75,13 @@ def token_contrastive_loss(
     Returns:
         the mean of report → image and image → report losses (a scalar).
     """
-    zero = image.sum() * 0.0 + text.sum() * 0.0
-    for wgt in (image_weight, text_weight):
-        if wgt is not None:
-            zero = zero + wgt.sum() * 0.0
-    if not bool(present.any()):
-        return zero
-    keep = present.nonzero()[:, 0]
-
-    def pick(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x[keep]
-
-    scores = token_max_similarity(image[keep], text[keep], text_valid[keep], pick(image_weight), pick(text_weight))
-    logits = scores / temperature
-    g = group[keep]
-    same = g[:, None] == g[None, :]
-    return zero + (multi_positive_nce(logits, same) + multi_positive_nce(logits.T, same.T)) / 2
+    # every pair is scored and report-free samples are masked out of the contrast (symmetric_batch_nce) rather
+    # than selected, which would wait for the device; their rows count every token as real so that the maxima
+    # stay finite (their weight is 0, so no gradient is NaN), and with no report at all the result is a zero
+    # still connected to every input
+    scores = token_max_similarity(image, text, with_fallback_token(text_valid.bool()), image_weight, text_weight)
+    to_image, to_report = symmetric_batch_nce(scores / temperature, group, present.bool())
+    return (to_image + to_report) / 2
 
 
 def _present_mean(per_sample: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from scripts.losses.segmentation import DiceBCELoss
-from scripts.losses.contrastive import graph_zero, multi_positive_nce
+from scripts.losses.contrastive import graph_zero, symmetric_batch_nce
 from scripts.networks.transport import cosine_cost, sinkhorn, transport_cost
 
 __all__ = ["SSALoss", "ot_alignment_loss", "outside_zones_loss"]
@@ -46,22 +46,19 @@ def ot_alignment_loss(
         temperature: τ of the logits (W ∈ [0, 2]).
 
     Returns:
-        ``(image_to_text, text_to_image)``, zero when no sample has a report.
+        ``(image_to_text, text_to_image)``, zero (in the inputs' graph) when no sample has a report.
     """
-    if not bool(present.any()):
-        zero = visual.sum() * 0.0 + text.sum() * 0.0  # keeps the graph for DDP
-        return zero, zero
-    v, t, m, g = visual[present], text[present], text_mask[present].bool(), group[present]
-    n = v.shape[0]
-    cost = cosine_cost(v[:, None], t[None])  # n×n×N×L: image i against report j
-    flat = cost.reshape(n * n, *cost.shape[2:])
-    mask_y = m[None].expand(n, -1, -1).reshape(n * n, -1)
+    # every image against every report of the batch, report-free samples included and masked out of the
+    # contrast (symmetric_batch_nce): selecting the present ones would wait for the device at every step
+    b = visual.shape[0]
+    m = text_mask.bool()
+    cost = cosine_cost(visual[:, None], text[None])  # B×B×N×L: image i against report j
+    flat = cost.reshape(b * b, *cost.shape[2:])
+    mask_y = m[None].expand(b, -1, -1).reshape(b * b, -1)
     with torch.no_grad():
-        plan = sinkhorn(flat, None, mask_y, epsilon, max_iter, tol)
-    distance = transport_cost(plan, flat.masked_fill(~mask_y[:, None, :], 0.0)).reshape(n, n)
-    logits = -distance / temperature  # rows: images, columns: reports
-    same = g[:, None] == g[None, :]
-    return multi_positive_nce(logits, same), multi_positive_nce(logits.T, same.T)
+        plan = sinkhorn(flat, None, mask_y, epsilon, max_iter, tol)  # a report-free column: an all-zero plan
+    distance = transport_cost(plan, flat.masked_fill(~mask_y[:, None, :], 0.0)).reshape(b, b)
+    return symmetric_batch_nce(-distance / temperature, group, present.bool())
 
 
 def outside_zones_loss(logits: torch.Tensor, guidance: torch.Tensor, guided: torch.Tensor) -> torch.Tensor:
@@ -73,12 +70,10 @@ def outside_zones_loss(logits: torch.Tensor, guidance: torch.Tensor, guided: tor
         guidance: B×1×H×W, 1 inside the named zones, 0 outside.
         guided: B bool, samples whose report names zones.
     """
-    if not bool(guided.any()):
-        return logits.sum() * 0.0
-    p = torch.sigmoid(logits[guided].float())
-    g = guidance[guided].to(p.dtype)
-    outside = (p * (1 - g)).sum(dim=(1, 2, 3)) / p.sum(dim=(1, 2, 3)).clamp_min(1e-6)
-    return outside.mean()
+    p = torch.sigmoid(logits.float())
+    outside = (p * (1 - guidance.to(p.dtype))).sum(dim=(1, 2, 3)) / p.sum(dim=(1, 2, 3)).clamp_min(1e-6)
+    weight = guided.to(p.dtype)  # a weighted mean rather than logits[guided]: no host sync
+    return (outside * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 class SSALoss(nn.Module):
@@ -117,7 +112,7 @@ class SSALoss(nn.Module):
         if not isinstance(pred, Mapping):
             return terms
         logits = pred["pred"]
-        zero = logits.sum() * 0.0
+        zero = graph_zero(logits)
         if "ot_visual" in pred:
             i2t, t2i = ot_alignment_loss(
                 pred["ot_visual"],

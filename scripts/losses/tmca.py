@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scripts.losses.contrastive import multi_positive_nce
+from scripts.losses.contrastive import symmetric_batch_nce
 from scripts.losses.segmentation import DiceBCELoss
 
 __all__ = ["TMCALoss", "alignment_loss"]
@@ -55,24 +55,12 @@ def alignment_loss(
     else:
         target, background = image.mean(dim=(2, 3)), None
         valid = present
-    # every row is computed and the rows that take no part are masked, rather than selected with valid.any() and
-    # boolean indexing: those wait for the device at every step. A row out of play keeps only its diagonal
-    # logit as both candidate and positive, so its loss is exactly 0 with zero gradient; other rows never see it.
-    v = F.normalize(target, dim=1)
     t = F.normalize(text, dim=1)
-    eye = torch.eye(len(valid), dtype=torch.bool, device=valid.device)
-    pair = valid[:, None] & valid[None, :]
-    alone = eye & ~valid[:, None]
-    candidates = pair | alone
-    same = (group[:, None] == group[None, :]) & pair | alone
-    logits = (v @ t.T / temperature).masked_fill(~candidates, float("-inf"))  # rows: images, columns: reports
-    image_to_text = multi_positive_nce(logits, same, valid)
-    text_logits, text_pos = logits.T, same.T
+    logits = F.normalize(target, dim=1) @ t.T / temperature  # rows: images, columns: reports
+    hard = None
     if background is not None:
         hard = (F.normalize(background, dim=1) * t).sum(dim=1, keepdim=True) / temperature
-        text_logits = torch.cat([text_logits, hard.masked_fill(~valid[:, None], float("-inf"))], dim=1)
-        text_pos = torch.cat([text_pos, torch.zeros_like(hard, dtype=torch.bool)], dim=1)
-    return image_to_text, multi_positive_nce(text_logits, text_pos, valid)
+    return symmetric_batch_nce(logits, group, valid, hard)
 
 
 class TMCALoss(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from monai.networks.blocks import SubpixelUpsample, UnetrUpBlock
 from torch import nn
 
-from scripts.networks.blocks import GuideLayer, TextProjector
+from scripts.networks.blocks import GuideLayer, ReportText, TextProjector, TrainingOutput, report_bookkeeping
 from scripts.networks.image_encoder import ConvNeXtEncoder
 from scripts.networks.text_encoder import HFTextEncoder
 
@@ -73,72 +73,92 @@ class GuideDecoder(nn.Module):
             SubpixelUpsample(2, ch[4], ch[4] // 2, scale_factor=4, apply_pad_pool=False),
             nn.Conv2d(ch[4] // 2, out_channels, kernel_size=1),
         )
-        if not self.use_text:
-            return
-        self.text_encoder = HFTextEncoder(text_encoder_dir, trainable_layers=text_trainable_layers)
-        d_text = self.text_encoder.hidden_size
-        self.token_proj = nn.ModuleDict({str(s): TextProjector(d_text, ch[s]) for s in self.guide_strides})
-        self.guides = nn.ModuleDict(
-            {
-                str(s): GuideLayer(ch[s], num_heads, self_attention=s in tuple(self_attention_strides))
-                for s in self.guide_strides
-            }
-        )
+        # None when off, so that every attribute exists whatever the switches (subclasses test them, not hasattr)
+        self.text_encoder = HFTextEncoder(text_encoder_dir, trainable_layers=text_trainable_layers) if use_text else None
+        self.token_proj = self.guides = None
+        if self.use_text:
+            d_text = self.text_encoder.hidden_size
+            self.token_proj = nn.ModuleDict({str(s): TextProjector(d_text, ch[s]) for s in self.guide_strides})
+            self.guides = nn.ModuleDict(
+                {
+                    str(s): GuideLayer(ch[s], num_heads, self_attention=s in tuple(self_attention_strides))
+                    for s in self.guide_strides
+                }
+            )
+
+    @property
+    def text_dim(self) -> int:
+        """D of the text encoder's token states (0 without a text path)."""
+        return self.text_encoder.hidden_size if self.text_encoder is not None else 0
 
     def encode_text(
         self, text_ids: torch.Tensor | None, text_mask: torch.Tensor | None, batch: int, device: torch.device
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-        """Token states B×L×D (None without text), bool token mask B×L, and which samples have a report (B bool)."""
-        if not self.use_text or text_ids is None:
-            return None, None, torch.zeros(batch, dtype=torch.bool, device=device)
+    ) -> ReportText:
+        """The batch's reports for the decoder: token states B×L×D and bool mask B×L (None without text), which
+        samples have a report and which share one."""
+        if self.text_encoder is None or text_ids is None:
+            return ReportText(None, None, *report_bookkeeping(None, None, batch, device))
         if text_mask is None:
             text_mask = torch.ones_like(text_ids)
         states, mask = self.text_encoder(text_ids, text_mask)
-        return states, mask, mask.any(dim=1)
+        return ReportText(states, mask, *report_bookkeeping(text_ids, mask, batch, device))
 
-    def stage(
-        self, stride: int, x: torch.Tensor, states: torch.Tensor | None, mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Language guidance of the decoder features at one stride (before the next up-block).
+    def stage(self, stride: int, x: torch.Tensor, text: ReportText) -> torch.Tensor:
+        """Language guidance of the decoder features at one stride, before the next up-block; the hook subclasses
+        extend (TMCA's target enhancement, SSA's alignment and zone gates).
 
         Args:
             stride: the features' stride.
             x: B×C×h×w decoder features.
-            states: B×L×D report token states, or None.
-            mask: B×L bool token mask, or None.
+            text: the batch's reports; a stage may update ``text.states`` for the finer stages and add training
+                outputs to ``text.aux``.
 
         Returns:
-            the guided features and an optional auxiliary B×1×h×w map (None here; see TMCA).
+            B×C×h×w guided features.
         """
-        if self.use_text and stride in self.guide_strides:
-            x = self.guides[str(stride)](x, *self.token_proj[str(stride)](states, mask, x.shape[0]))
-        return x, None
+        if self.guides is not None and stride in self.guide_strides:
+            x = self.guides[str(stride)](x, *self.token_proj[str(stride)](text.states, text.mask, x.shape[0]))
+        return x
 
-    def decode(
-        self, feats: dict[int, torch.Tensor], states: torch.Tensor | None, mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Decoder from the stride-32 features to logits.
+    def decode(self, feats: dict[int, torch.Tensor], text: ReportText) -> torch.Tensor:
+        """The one decoder loop, from the stride-32 features to logits: up-block (with the encoder's skip), then
+        :meth:`stage`, at strides 32 → 16 → 8 → 4, then the ×4 head.
 
         Args:
             feats: stride → B×C×h×w encoder features.
-            states, mask: as in :meth:`stage`.
+            text: the batch's reports, passed to every :meth:`stage`.
 
         Returns:
-            B×out_channels×H×W logits and the auxiliary maps :meth:`stage` returned, coarse to fine.
+            B×out_channels×H×W logits.
         """
-        maps: list[torch.Tensor] = []
         x = feats[32]
         for s in STRIDES[::-1]:
             if s != 32:
                 x = self.ups[str(s)](x, feats[s])
-            x, aux = self.stage(s, x, states, mask)
-            if aux is not None:
-                maps.append(aux)
-        return self.head(x), maps
+            x = self.stage(s, x, text)
+        return self.head(x)
+
+    def segment(self, image: torch.Tensor, text: ReportText) -> torch.Tensor | TrainingOutput:
+        """Encoder, decoder and, in ``train()`` mode, :meth:`training_output`.
+
+        Args:
+            image: B×C×H×W, H and W divisible by 32.
+            text: the batch's reports (:meth:`encode_text`).
+        """
+        feats = dict(zip(STRIDES, self.encoder(image)))
+        pred = self.decode(feats, text)
+        return self.training_output(pred, feats, text) if self.training else pred
+
+    def training_output(
+        self, pred: torch.Tensor, feats: dict[int, torch.Tensor], text: ReportText
+    ) -> torch.Tensor | TrainingOutput:
+        """What ``train()`` mode returns: the logits here (GuideDecoder's loss is Dice + BCE); subclasses with
+        their own loss terms return their :class:`TrainingOutput`."""
+        return pred
 
     def forward(
         self, image: torch.Tensor, text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | TrainingOutput:
         """
         Args:
             image: B×C×H×W, H and W divisible by 32.
@@ -146,8 +166,6 @@ class GuideDecoder(nn.Module):
             text_mask: B×L attention mask (1 token, 0 padding); an all-zero row means "no report".
 
         Returns:
-            B×out_channels×H×W logits.
+            B×out_channels×H×W logits (in ``train()`` mode, subclasses return their training output).
         """
-        feats = dict(zip(STRIDES, self.encoder(image)))
-        states, mask, _ = self.encode_text(text_ids, text_mask, image.shape[0], image.device)
-        return self.decode(feats, states, mask)[0]
+        return self.segment(image, self.encode_text(text_ids, text_mask, image.shape[0], image.device))

@@ -27,7 +27,7 @@ from torch import nn
 
 from scripts.networks.blocks import GuideLayer, PixelLevelAttention, TextProjector, sincos_positions
 from scripts.networks.text_encoder import HFTextEncoder
-from scripts.networks.tmca import report_groups
+from scripts.networks.blocks import report_groups
 
 __all__ = ["RecLMIS", "CrossModalInteractor", "ReconstructionDecoder", "importance_mask"]
 

@@ -25,13 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scripts.networks.blocks import sincos_positions
+from scripts.networks.blocks import ReportText, TrainingOutput, sincos_positions
 from scripts.networks.guidedecoder import STRIDES, GuideDecoder
-from scripts.networks.tmca import report_groups
 from scripts.networks.transport import barycentric, cosine_cost, sinkhorn
 from scripts.zones import CXR_LEVEL_EDGES, report_zones, zone_map
 
-__all__ = ["SSA", "SymmetricAlignment", "ZoneGate", "ZoneGuidance"]
+__all__ = ["SSA", "SSAOutput", "SymmetricAlignment", "ZoneGate", "ZoneGuidance", "guidance_from_zones"]
 
 ALIGN_STRIDE = 16
 
@@ -226,6 +225,40 @@ class ZoneGuidance:
         return flags_t[:, cells][:, None], guided
 
 
+def guidance_from_zones(zones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Guidance mask of a ``ReportZonesd`` raster, as :class:`ZoneGuidance` gives it from token ids.
+
+    Args:
+        zones: B×1×X×Y raster, 0 outside the named zones (all 0 when the report names none).
+
+    Returns:
+        guidance B×1×X×Y float (1 in the named zones, 0 elsewhere; all 1 for samples without named zones) and B
+        bool, True for samples with named zones.
+    """
+    inside = zones > 0
+    guided = inside.flatten(1).any(dim=1)
+    return (inside | ~guided[:, None, None, None]).float(), guided
+
+
+class SSAOutput(TrainingOutput, total=False):
+    """SSA's training output, read by :class:`scripts.losses.ssa.SSALoss` (with the keys of
+    :class:`TrainingOutput`, always there).
+
+    - with alignment and a report in the batch: ``ot_visual`` B×N×d and ``ot_text`` B×L×d cost embeddings,
+      ``ot_text_mask`` B×L bool, ``ot_plan`` B×N×L (float32), ``ot_epsilon``;
+    - with directional guidance and a report in the batch: ``guidance`` B×1×H×W (1 inside the named zones, 0
+      outside, all 1 for samples without named zones) and ``guided`` B bool (samples with named zones).
+    """
+
+    ot_visual: torch.Tensor
+    ot_text: torch.Tensor
+    ot_text_mask: torch.Tensor
+    ot_plan: torch.Tensor
+    ot_epsilon: float
+    guidance: torch.Tensor
+    guided: torch.Tensor
+
+
 class SSA(GuideDecoder):
     """SSA segmentation network: image + optional report → B×1×H×W logits.
 
@@ -234,16 +267,12 @@ class SSA(GuideDecoder):
     strides 8 and 4 up-block and guide layer with the updated tokens. After the guide layers of ``gate_strides``
     the features are gated by the directional guidance mask (:class:`ZoneGate`), at inference as in training.
 
-    In ``eval()`` mode ``forward`` returns the logits only. In ``train()`` mode it returns a dict that
-    :class:`scripts.losses.ssa.SSALoss` reads:
+    The zones come with the batch (``scripts.transforms.ReportZonesd`` on the data path, through
+    ``scripts.engine.ReportPrepareBatch``); a caller that gives token ids only (MONAI Label) gets them from the
+    decoded report (:class:`ZoneGuidance`).
 
-    - ``"pred"``: B×1×H×W logits;
-    - ``"text_present"``: B bool, False for samples without a report;
-    - ``"text_group"``: B long, equal for samples with the same report;
-    - with alignment and a report in the batch: ``"ot_visual"`` B×N×d and ``"ot_text"`` B×L×d cost embeddings,
-      ``"ot_text_mask"`` B×L bool, ``"ot_plan"`` B×N×L (float32), ``"ot_epsilon"`` (float);
-    - with directional guidance and a report in the batch: ``"guidance"`` B×1×H×W (1 inside the named zones, 0
-      outside, all 1 for samples without named zones) and ``"guided"`` B bool (samples with named zones).
+    In ``eval()`` mode ``forward`` returns the logits only; in ``train()`` mode an :class:`SSAOutput`, which
+    :class:`scripts.losses.ssa.SSALoss` reads.
 
     Args:
         in_channels: image channels.
@@ -289,59 +318,75 @@ class SSA(GuideDecoder):
         level_edges: Sequence[float] = CXR_LEVEL_EDGES,
     ) -> None:
         super().__init__(
-            in_channels, out_channels, encoder_size, image_encoder_dir, text_encoder_dir, text_trainable_layers,
-            num_heads, guide_strides=STRIDES, self_attention_strides=self_attention_strides, use_text=True,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            encoder_size=encoder_size,
+            image_encoder_dir=image_encoder_dir,
+            text_encoder_dir=text_encoder_dir,
+            text_trainable_layers=text_trainable_layers,
+            num_heads=num_heads,
+            guide_strides=STRIDES,
+            self_attention_strides=self_attention_strides,
+            use_text=True,
         )
-        ch, d_text = self.channels, self.text_encoder.hidden_size
+        ch, d_text = self.channels, self.text_dim
         self.alignment = bool(alignment)
         self.ot_epsilon = float(ot_epsilon)
-        if self.alignment:
-            self.align = SymmetricAlignment(ch[ALIGN_STRIDE], d_text, ot_embed_dim, ot_epsilon, ot_max_iter, ot_tol)
+        self.align = (
+            SymmetricAlignment(ch[ALIGN_STRIDE], d_text, ot_embed_dim, ot_epsilon, ot_max_iter, ot_tol)
+            if self.alignment
+            else None
+        )
         self.directional_guidance = bool(directional_guidance)
         self.gate_strides = tuple(int(s) for s in gate_strides) if self.directional_guidance else ()
         if any(s not in STRIDES for s in self.gate_strides):
             raise ValueError(f"gate_strides must be among {STRIDES}, got {gate_strides}")
+        self.zone_guidance = self.gates = None
         if self.directional_guidance:
             self.zone_guidance = ZoneGuidance(self.text_encoder.model_dir, left_is_image_left, level_edges)
             self.gates = nn.ModuleDict({str(s): ZoneGate(gate_init) for s in self.gate_strides})
 
+    def stage(self, stride: int, x: torch.Tensor, text: ReportText) -> torch.Tensor:
+        """At stride 16 the symmetric OT alignment first (it updates ``text.states`` for this and the finer stages
+        and adds its tensors to ``text.aux``), then the guide layer, then the zone gate of the gated strides."""
+        if stride == ALIGN_STRIDE and self.align is not None and text.states is not None:
+            x, text.states, ot = self.align(x, text.states, text.mask)
+            text.aux.update(
+                ot_visual=ot["visual"], ot_text=ot["text"], ot_plan=ot["plan"], ot_text_mask=text.mask,
+                ot_epsilon=self.ot_epsilon,
+            )
+        x = super().stage(stride, x, text)
+        guidance = text.aux.get("guidance")
+        if guidance is not None and stride in self.gate_strides:
+            x = self.gates[str(stride)](x, guidance)
+        return x
+
+    def training_output(self, pred: torch.Tensor, feats: dict[int, torch.Tensor], text: ReportText) -> SSAOutput:
+        """The :class:`SSAOutput`: the logits, the report bookkeeping and what the stages added."""
+        return SSAOutput(pred=pred, text_present=text.present, text_group=text.group, **text.aux)
+
     def forward(
-        self, image: torch.Tensor, text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
-    ) -> torch.Tensor | dict:
+        self,
+        image: torch.Tensor,
+        text_ids: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        zones: torch.Tensor | None = None,
+    ) -> torch.Tensor | SSAOutput:
         """
         Args:
             image: B×C×H×W, H and W divisible by 32.
             text_ids: B×L report token ids, or None for image-only use.
             text_mask: B×L attention mask (1 token, 0 padding); an all-zero row means "no report".
+            zones: B×1×H'×W' zone raster of ``ReportZonesd`` (0 outside the named zones, 1 + side·3 + level inside;
+                all 0 for a report that names none), or None: the zones of the decoded reports.
 
         Returns:
-            B×out_channels×H×W logits in eval mode; the dict described in the class docstring in train mode.
+            B×out_channels×H×W logits in eval mode; an :class:`SSAOutput` in train mode.
         """
-        b = image.shape[0]
-        feats = dict(zip(STRIDES, self.encoder(image)))
-        states, mask, present = self.encode_text(text_ids, text_mask, b, image.device)
-        out: dict = {}
-        guidance = None
-        if states is not None and self.directional_guidance:
-            guidance, guided = self.zone_guidance(text_ids, mask, tuple(image.shape[2:]))
-            out.update(guidance=guidance, guided=guided)
-        x = feats[32]
-        for s in STRIDES[::-1]:
-            if s != 32:
-                x = self.ups[str(s)](x, feats[s])
-            if s == ALIGN_STRIDE and self.alignment and states is not None:
-                x, states, ot = self.align(x, states, mask)
-                out.update(ot_visual=ot["visual"], ot_text=ot["text"], ot_plan=ot["plan"], ot_text_mask=mask)
-                out["ot_epsilon"] = self.ot_epsilon
-            x, _ = self.stage(s, x, states, mask)  # the guide layer, with the aligned report tokens after stride 16
-            if guidance is not None and s in self.gate_strides:
-                x = self.gates[str(s)](x, guidance)
-        pred = self.head(x)
-        if not self.training:
-            return pred
-        out["pred"] = pred
-        out["text_present"] = present
-        out["text_group"] = torch.zeros(b, dtype=torch.long, device=image.device)
-        if mask is not None:
-            out["text_group"] = report_groups(text_ids, mask)
-        return out
+        text = self.encode_text(text_ids, text_mask, image.shape[0], image.device)
+        if self.zone_guidance is not None and text.states is not None:
+            if zones is not None:
+                text.aux["guidance"], text.aux["guided"] = guidance_from_zones(zones)
+            else:
+                text.aux["guidance"], text.aux["guided"] = self.zone_guidance(text_ids, text.mask, tuple(image.shape[2:]))
+        return self.segment(image, text)

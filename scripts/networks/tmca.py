@@ -21,10 +21,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from scripts.networks.blocks import TokenPool
+from scripts.networks.blocks import ReportText, TokenPool, TrainingOutput
 from scripts.networks.guidedecoder import STRIDES, GuideDecoder
 
-__all__ = ["TMCA", "TargetEnhancement", "report_groups"]
+__all__ = ["TMCA", "TMCAOutput", "TargetEnhancement"]
 
 
 class TargetEnhancement(nn.Module):
@@ -63,27 +63,26 @@ class TargetEnhancement(nn.Module):
         return x * (1 + torch.sigmoid(logits)), logits
 
 
-def report_groups(text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each sample's distinct report within the batch (B long): equal reports share an index (that of
-    their first sample). Pairwise comparison rather than ``torch.unique``, which waits for the device."""
-    keyed = text_ids.long() * text_mask.long()
-    same = (keyed[:, None, :] == keyed[None, :, :]).all(dim=2)
-    return same.to(torch.uint8).argmax(dim=1)  # the first maximum: the first sample with this report
+class TMCAOutput(TrainingOutput):
+    """TMCA's training output, read by :class:`scripts.losses.TMCALoss` (and the keys of :class:`TrainingOutput`).
+
+    - ``align_image``: per alignment level, B×d×h×w projected encoder features;
+    - ``align_text``: per alignment level, B×d projected report embeddings;
+    - ``align_strides``: the strides of those levels;
+    - ``target_maps``: per decoder stage, coarse to fine, the B×1×h×w logits of the enhancement map.
+    """
+
+    align_image: list[torch.Tensor]
+    align_text: list[torch.Tensor]
+    align_strides: list[int]
+    target_maps: list[torch.Tensor]
 
 
 class TMCA(GuideDecoder):
     """TMCA segmentation network: image + optional report → B×1×H×W logits.
 
-    In ``eval()`` mode ``forward`` returns the logits only. In ``train()`` mode it returns a dict that
-    :class:`scripts.losses.TMCALoss` reads:
-
-    - ``"pred"``: B×1×H×W logits;
-    - ``"align_image"``: per alignment level, B×d×h×w projected encoder features;
-    - ``"align_text"``: per alignment level, B×d projected report embeddings;
-    - ``"align_strides"``: the strides of those levels;
-    - ``"target_maps"``: per decoder stage, the B×1×h×w logits of the enhancement map;
-    - ``"text_present"``: B bool, False for samples without a report;
-    - ``"text_group"``: B long, equal for samples with the same report.
+    In ``eval()`` mode ``forward`` returns the logits only; in ``train()`` mode a :class:`TMCAOutput`, which
+    :class:`scripts.losses.TMCALoss` reads.
 
     Args:
         in_channels: image channels.
@@ -119,17 +118,23 @@ class TMCA(GuideDecoder):
     ) -> None:
         # guidance at every stride, stride 4 included: "text guidance onto low-level image features"
         super().__init__(
-            in_channels, out_channels, encoder_size, image_encoder_dir, text_encoder_dir, text_trainable_layers,
-            num_heads, guide_strides=STRIDES, self_attention_strides=self_attention_strides, use_text=use_text,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            encoder_size=encoder_size,
+            image_encoder_dir=image_encoder_dir,
+            text_encoder_dir=text_encoder_dir,
+            text_trainable_layers=text_trainable_layers,
+            num_heads=num_heads,
+            guide_strides=STRIDES,
+            self_attention_strides=self_attention_strides,
+            use_text=use_text,
         )
-        ch = self.channels
+        ch, d_text = self.channels, self.text_dim
         self.alignment_levels = tuple(int(s) for s in alignment_levels) if self.use_text else ()
         if any(s not in STRIDES for s in self.alignment_levels):
             raise ValueError(f"alignment_levels must be among {STRIDES}, got {alignment_levels}")
         self.enhancement = bool(enhancement) and self.use_text
-        if not self.use_text:
-            return
-        d_text = self.text_encoder.hidden_size
+        self.enhancers = self.align_image = self.align_text = None
         if self.enhancement:
             self.enhancers = nn.ModuleDict({str(s): TargetEnhancement(ch[s], d_text) for s in STRIDES})
         if self.alignment_levels:
@@ -137,38 +142,26 @@ class TMCA(GuideDecoder):
             self.align_image = nn.ModuleDict({str(s): nn.Conv2d(ch[s], embed_dim, 1) for s in self.alignment_levels})
             self.align_text = nn.ModuleDict({str(s): TokenPool(d_text, embed_dim) for s in self.alignment_levels})
 
-    def stage(
-        self, stride: int, x: torch.Tensor, states: torch.Tensor | None, mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Guide layer, then the language-guided target enhancement; returns the features and the map's logits."""
-        x, _ = super().stage(stride, x, states, mask)
-        if not self.enhancement:
-            return x, None
-        return self.enhancers[str(stride)](x, states, mask)
+    def stage(self, stride: int, x: torch.Tensor, text: ReportText) -> torch.Tensor:
+        """Guide layer, then the language-guided target enhancement, whose map logits go to
+        ``text.aux["target_maps"]``."""
+        x = super().stage(stride, x, text)
+        if self.enhancers is None:
+            return x
+        x, logits = self.enhancers[str(stride)](x, text.states, text.mask)
+        text.aux.setdefault("target_maps", []).append(logits)
+        return x
 
-    def forward(
-        self, image: torch.Tensor, text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
-    ) -> torch.Tensor | dict:
-        """
-        Args:
-            image: B×C×H×W, H and W divisible by 32.
-            text_ids: B×L report token ids, or None for image-only use.
-            text_mask: B×L attention mask (1 token, 0 padding); an all-zero row means "no report".
-
-        Returns:
-            B×out_channels×H×W logits in eval mode; the dict described in the class docstring in train mode.
-        """
-        b = image.shape[0]
-        feats = dict(zip(STRIDES, self.encoder(image)))
-        states, mask, present = self.encode_text(text_ids, text_mask, b, image.device)
-        pred, maps = self.decode(feats, states, mask)
-        if not self.training:
-            return pred
-        out: dict = {"pred": pred, "target_maps": maps, "align_strides": list(self.alignment_levels)}
-        out["align_image"] = [self.align_image[str(s)](feats[s]) for s in self.alignment_levels]
-        out["align_text"] = [self.align_text[str(s)](states, mask, b) for s in self.alignment_levels]
-        if self.use_text:
-            out["text_present"] = present
-            no_text = torch.zeros(b, dtype=torch.long, device=image.device)
-            out["text_group"] = no_text if mask is None else report_groups(text_ids, mask)
-        return out
+    def training_output(self, pred: torch.Tensor, feats: dict[int, torch.Tensor], text: ReportText) -> TMCAOutput:
+        """The :class:`TMCAOutput`: the alignment levels' projections of the encoder features and of the report,
+        and the enhancement maps the stages collected."""
+        b, levels = pred.shape[0], self.alignment_levels
+        return TMCAOutput(
+            pred=pred,
+            text_present=text.present,
+            text_group=text.group,
+            align_strides=list(levels),
+            align_image=[self.align_image[str(s)](feats[s]) for s in levels],
+            align_text=[self.align_text[str(s)](text.states, text.mask, b) for s in levels],
+            target_maps=text.aux.get("target_maps", []),
+        )
