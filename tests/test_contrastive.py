@@ -8,7 +8,11 @@ import math
 import pytest
 import torch
 
-from scripts.losses.contrastive import graph_zero, multi_positive_nce, symmetric_batch_nce
+from scripts.losses.contrastive import (
+    graph_zero,
+    multi_positive_nce,
+    symmetric_batch_nce,
+)
 from scripts.losses.reclmis import token_contrastive_loss
 from scripts.losses.ssa import ot_alignment_loss, outside_zones_loss
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["multi_positive_nce", "symmetric_batch_nce", "graph_zero"]
+__all__ = ["graph_zero", "multi_positive_nce", "symmetric_batch_nce"]
 
 
 def multi_positive_nce(

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scripts.losses.segmentation import DiceBCELoss
 from scripts.losses.contrastive import symmetric_batch_nce
+from scripts.losses.segmentation import DiceBCELoss
 from scripts.networks.blocks import with_fallback_token
 
-__all__ = ["RecLMISLoss", "token_max_similarity", "token_contrastive_loss"]
+__all__ = ["RecLMISLoss", "token_contrastive_loss", "token_max_similarity"]
 
 
 def token_max_similarity(

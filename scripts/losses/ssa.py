@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from scripts.losses.segmentation import DiceBCELoss
 from scripts.losses.contrastive import graph_zero, symmetric_batch_nce
+from scripts.losses.segmentation import DiceBCELoss
 from scripts.networks.transport import cosine_cost, sinkhorn, transport_cost
 
 __all__ = ["SSALoss", "ot_alignment_loss", "outside_zones_loss"]

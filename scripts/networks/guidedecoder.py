@@ -15,11 +15,17 @@ import torch
 from monai.networks.blocks import SubpixelUpsample, UnetrUpBlock
 from torch import nn
 
-from scripts.networks.blocks import GuideLayer, ReportText, TextProjector, TrainingOutput, report_bookkeeping
+from scripts.networks.blocks import (
+    GuideLayer,
+    ReportText,
+    TextProjector,
+    TrainingOutput,
+    report_bookkeeping,
+)
 from scripts.networks.image_encoder import ConvNeXtEncoder
 from scripts.networks.text_encoder import HFTextEncoder
 
-__all__ = ["GuideDecoder", "STRIDES"]
+__all__ = ["STRIDES", "GuideDecoder"]
 
 STRIDES = (4, 8, 16, 32)
 
