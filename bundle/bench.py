@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from scripts import BUNDLE_DIR
+from bundle.load import BUNDLE_ROOT, bundle_parser, checkpoint_weights, fit_weights
 
 __all__ = [
     "BASELINE", "conv_peak", "data_pipeline_throughput", "inference_agreement", "json_rows", "network_cost",
@@ -37,12 +37,8 @@ def samples_per_second(loader: Iterable, warmup_batches: int = 2) -> tuple[float
 
 
 def _train_parser(datalist: str, text_encoder_dir: str | None):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(Path(BUNDLE_DIR) / "configs" / "train.yaml"))
-    parser.update({"bundle_root": str(BUNDLE_DIR), "datalist": str(datalist), "text_encoder_dir": text_encoder_dir})
-    return parser
+    return bundle_parser(BUNDLE_ROOT / "configs" / "train.yaml",
+                         {"datalist": str(datalist), "text_encoder_dir": text_encoder_dir})
 
 
 def data_pipeline_throughput(
@@ -109,17 +105,12 @@ _BENCH_REPORT = "bilateral pulmonary infection, two infected areas, middle lower
 
 def network_parser(network: str, overrides: dict | None = None):
     """``configs/train.yaml`` with ``configs/networks/<network>.yaml`` on top (the way users select a network)."""
-    from monai.bundle import ConfigParser
-
-    files = [str(Path(BUNDLE_DIR) / "configs" / "train.yaml"), str(Path(BUNDLE_DIR) / "configs" / "networks" /
-                                                                    f"{network}.yaml")]
-    if not Path(files[1]).is_file():
-        names = sorted(p.stem for p in (Path(BUNDLE_DIR) / "configs" / "networks").glob("*.yaml"))
+    configs = BUNDLE_ROOT / "configs"
+    files = [configs / "train.yaml", configs / "networks" / f"{network}.yaml"]
+    if not files[1].is_file():
+        names = sorted(p.stem for p in (configs / "networks").glob("*.yaml"))
         raise FileNotFoundError(f"no network config {files[1]}; the bundle has {', '.join(names)}")
-    parser = ConfigParser()
-    parser.read_config(files)
-    parser.update({"bundle_root": str(BUNDLE_DIR), "device": "$torch.device('cpu')", **(overrides or {})})
-    return parser
+    return bundle_parser(files, {"device": "$torch.device('cpu')", **(overrides or {})})
 
 
 def _timed(fn: Callable[[], object], repeats: int, warmup: int, sync: Callable[[], None]) -> float:
@@ -462,11 +453,10 @@ def inference_agreement(
 
     items = load_decathlon_datalist(str(datalist), True, split)[:limit]
     paths = {}
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    weights = checkpoint_weights(ckpt)  # read once, loaded into both paths' networks
     for name in PATHS:
         parser = _path_parser(network, name, {"datalist": str(datalist), **(overrides or {})})
-        net = parser.get_parsed_content("network")
-        net.load_state_dict(state.get("model", state), strict=True)
+        net = fit_weights(parser.get_parsed_content("network"), weights, ckpt)
         net.float().eval()
         inferer = Autocast(parser.get_parsed_content("validate#inferer"), "cpu",
                            parser.get_parsed_content("compute_dtype"))

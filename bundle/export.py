@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
+from bundle.load import bundle_parser, load_checkpoint
+
 __all__ = ["FORMATS", "ExportResult", "load_network", "example_inputs", "export", "export_onnx", "export_torchscript"]
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
@@ -59,16 +61,6 @@ class ExportResult:
         return f"{self.format} written: {self.path} ({size:.1f} MB, {self.seconds:.0f} s); against PyTorch: {checks}"
 
 
-def _parser(root: Path) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config(str(root / "configs" / "inference.yaml"))
-    parser.read_meta(str(root / "configs" / "metadata.json"))
-    parser["bundle_root"] = str(root)
-    # CPU: the export must not depend on a GPU being there, and CPU float32 is the reference the checks use
-    parser["device"] = "$torch.device('cpu')"
-    return parser
-
-
 def load_network(
     root: str | os.PathLike = ".", ckpt: str | os.PathLike | None = None
 ) -> tuple[torch.nn.Module, ConfigParser]:
@@ -80,14 +72,9 @@ def load_network(
             ``models/model.pt``); float16 weights load into the float32 network.
     """
     root = Path(root)
-    parser = _parser(root)
-    net = parser.get_parsed_content("network_def")
-    state = torch.load(ckpt or root / "models" / "model.pt", map_location="cpu", weights_only=True)
-    if "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    # strict, as the inference config's CheckpointLoader: frozen text-encoder weights are not in the file by design
-    # and the encoder's load hook accounts for them
-    net.load_state_dict(state, strict=True)
+    # CPU: the export must not depend on a GPU being there, and CPU float32 is the reference the checks use
+    parser = bundle_parser(root / "configs" / "inference.yaml", {"device": "$torch.device('cpu')"}, root=root)
+    net = load_checkpoint(parser.get_parsed_content("network_def"), ckpt or root / "models" / "model.pt")
     return net.eval(), parser
 
 

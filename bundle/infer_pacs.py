@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
+from bundle.load import BUNDLE_ROOT, bundle_parser, load_checkpoint
 from scripts.precision import Autocast
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_FIELDS = ("series_uid", "study_uid", "modality", "source", "report", "status", "reason",
                   "lesion_fraction", "dicom_seg", "overlay", "mask", "probability", "seconds")
 
@@ -71,21 +71,13 @@ class _Segmenter:
         device: str | None,
         overrides: dict[str, Any],
     ) -> None:
-        from monai.bundle import ConfigParser
-
-        self.parser = ConfigParser()
-        self.parser.read_config([str(c) for c in config_files])
-        self.parser.read_meta(str(BUNDLE_ROOT / "configs" / "metadata.json"))
-        self.parser.update({"bundle_root": str(BUNDLE_ROOT), "output_dir": str(output_dir),
-                            "output_formats": list(formats), **overrides})
+        self.parser = bundle_parser(config_files, {"output_dir": str(output_dir), "output_formats": list(formats),
+                                                   **overrides})
         if device:
             self.parser["device"] = f"$torch.device('{device}')"
         self.device = self.parser.get_parsed_content("device")
-        self.network = self.parser.get_parsed_content("network")
         path = Path(ckpt) if ckpt else Path(self.parser.get_parsed_content("ckpt_dir")) / "model.pt"
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        self.network.load_state_dict(state.get("model", state) if isinstance(state, dict) else state, strict=True)
-        self.network.eval()
+        self.network = load_checkpoint(self.parser.get_parsed_content("network"), path, self.device).eval()
         self.preprocessing = self.parser.get_parsed_content("preprocessing")
         self.prepare_batch = self.parser.get_parsed_content("prepare_batch")
         # the evaluator's compute path (autocast, predictions back in float32), without building its data loader

@@ -90,3 +90,11 @@ def test_export_names_what_is_missing(monkeypatch, tmp_path):
     monkeypatch.setitem(__import__("sys").modules, "onnxscript", None)  # as if not installed
     with pytest.raises(ModuleNotFoundError, match="pip install onnx=="):
         export_onnx(torch.nn.Identity(), (), tmp_path / "x.onnx")
+
+
+def test_export_refuses_weights_of_another_network_naming_the_file(tmp_path):
+    ckpt = tmp_path / "other.pt"
+    torch.save({"model": torch.nn.Linear(2, 2).state_dict()}, ckpt)
+    with pytest.raises(RuntimeError, match="does not fit TMCA") as raised:
+        load_network(BUNDLE_ROOT, ckpt)
+    assert str(ckpt) in str(raised.value)

@@ -8,6 +8,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+import torch
 from pydicom.data import get_testdata_file
 from test_dicom import make_ct_series, make_dx
 
@@ -74,3 +75,13 @@ def test_a_rerun_skips_the_series_done_and_retries_the_rest(tmp_path):
     shutil.rmtree(tmp_path / "export" / "d")  # fixed at the source: nothing fails any more
     assert main(["infer-pacs", "--input", str(tmp_path / "export"), "--output", str(out), "--device", "cpu"]) == 0
     assert set(_rows(out)) == {ct_uid, dx.SeriesInstanceUID}
+
+
+def test_weights_of_another_network_stop_the_run_naming_the_file(tmp_path):
+    (tmp_path / "export").mkdir()
+    make_dx(tmp_path / "export" / "IM1", np.full((64, 64), 3000))
+    ckpt = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), ckpt)
+    with pytest.raises(RuntimeError, match="does not fit TMCA") as raised:
+        infer_pacs(tmp_path / "export", tmp_path / "out", ckpt=ckpt, device="cpu")
+    assert str(ckpt) in str(raised.value)
