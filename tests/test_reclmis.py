@@ -229,6 +229,6 @@ def test_no_report_batch_gives_graph_connected_zero_terms(tokens):
 def test_published_widths_are_configurable():
     net = RecLMIS(features=(64, 128, 256, 512, 512), rec_layers=1)
     assert net.features == (64, 128, 256, 512, 512)
-    assert net.interactor.channels == 512 and net.head.in_channels == 64
+    assert net.interactor.channels == 512 and net.decoder.head.in_channels == 64
     with pytest.raises(ValueError):
         RecLMIS(features=(8, 16, 32, 64))

@@ -21,11 +21,10 @@ import os
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import Convolution
-from monai.networks.nets.basic_unet import Down, UpCat
 from torch import nn
 
-from scripts.networks.blocks import GuideLayer, PixelLevelAttention, TextProjector, sincos_positions
+from scripts.networks.blocks import GuideLayer, TextProjector, sincos_positions
+from scripts.networks.lvit_unet import LViTUNetDecoder, LViTUNetEncoder
 from scripts.networks.text_encoder import HFTextEncoder
 from scripts.networks.tmca import report_groups
 
@@ -166,8 +165,11 @@ class ReconstructionDecoder(nn.Module):
 class RecLMIS(nn.Module):
     """RecLMIS segmentation network: image + optional report → B×1×H×W logits.
 
-    In ``eval()`` mode ``forward`` returns the logits only: no importance, masking or reconstruction runs. In
-    ``train()`` mode it returns a dict that :class:`scripts.losses.reclmis.RecLMISLoss` reads:
+    LViT's CNN U-Net (``encoder``: :class:`scripts.networks.lvit_unet.LViTUNetEncoder`, ``decoder``:
+    :class:`scripts.networks.lvit_unet.LViTUNetDecoder`, full-resolution stem, ReLU, no dropout) with the
+    :class:`CrossModalInteractor` on the bottleneck between the two. In ``eval()`` mode ``forward`` returns the
+    logits only: no importance, masking or reconstruction runs. In ``train()`` mode it returns a dict that
+    :class:`scripts.losses.reclmis.RecLMISLoss` reads:
 
     - ``"pred"``: B×1×H×W logits;
     - ``"image_tokens"``: B×N×C bottleneck tokens before the interactor (N = H·W / 256);
@@ -221,19 +223,10 @@ class RecLMIS(nn.Module):
         self.image_mask_rate, self.text_mask_rate = float(image_mask_rate), float(text_mask_rate)
         act = ("relu", {"inplace": True})
         # one convolution at full resolution before the first pooling, as LViT's (the costliest level on CPU)
-        self.stem = Convolution(2, in_channels, f[0], kernel_size=3, act=act, norm=norm)
-        self.downs = nn.ModuleList(Down(2, f[i], f[i + 1], act, norm, True) for i in range(4))
-        # the decoder narrows as LViT's: 16 -> 8 gives f[2], 8 -> 4 f[1], 4 -> 2 f[0], 2 -> 1 f[0]
-        outs = (f[0], f[0], f[1], f[2])
-        self.ups = nn.ModuleList(
-            UpCat(2, f[i + 1] if i == 3 else outs[i + 1], f[i], outs[i], act, norm, True, upsample="nontrainable",
-                  pre_conv=None, interp_mode="nearest", align_corners=None, is_pad=False)
-            for i in reversed(range(4))
+        self.encoder = LViTUNetEncoder(in_channels, f, stem_stride=1, act=act, norm=norm)
+        self.decoder = LViTUNetDecoder(
+            f, out_channels, stem_stride=1, skip_attention=skip_attention, act=act, norm=norm
         )
-        self.skip_attention = nn.ModuleList(
-            PixelLevelAttention(f[i]) if skip_attention else nn.Identity() for i in reversed(range(4))
-        )
-        self.head = nn.Conv2d(f[0], out_channels, kernel_size=1)
 
         self.text_encoder = HFTextEncoder(text_encoder_dir, trainable_layers=text_trainable_layers)
         d_text = self.text_encoder.hidden_size
@@ -276,17 +269,11 @@ class RecLMIS(nn.Module):
             B×out_channels×H×W logits in eval mode; the dict described in the class docstring in train mode.
         """
         b = image.shape[0]
-        skips = [self.stem(image)]
-        for down in self.downs:
-            skips.append(down(skips[-1]))
-        bottleneck = skips.pop()
+        skips, bottleneck = self.encoder(image)
         states, mask = self._encode_text(text_ids, text_mask, b, image)
         text, key_padding = self.text_proj(states, mask, b)
         fused, text_fused = self.interactor(bottleneck, text, key_padding)
-        x = fused
-        for up, attend in zip(self.ups, self.skip_attention):
-            x = up(x, attend(skips.pop()))
-        pred = self.head(x)
+        pred = self.decoder(skips, fused)
         if not self.training:
             return pred
         out = {"pred": pred, **self._reconstruct(bottleneck, fused, text[:, 1:], text_fused[:, 1:], states, mask)}
