@@ -23,21 +23,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from scripts.networks.blocks import GuideLayer, TextProjector, sincos_positions
+from scripts.networks.blocks import (
+    GuideLayer,
+    TextProjector,
+    TrainingOutput,
+    report_bookkeeping,
+    sincos_positions,
+    with_fallback_token,
+)
 from scripts.networks.lvit_unet import LViTUNetDecoder, LViTUNetEncoder
 from scripts.networks.text_encoder import HFTextEncoder
-from scripts.networks.tmca import report_groups
 
-__all__ = ["RecLMIS", "CrossModalInteractor", "ReconstructionDecoder", "importance_mask"]
-
-
-def _any_valid(valid: torch.Tensor) -> torch.Tensor:
-    """Rows without any valid token count every token as valid, so softmax and attention stay finite.
-
-    Such rows belong to samples without a report; the loss gives them zero weight, and their finite values keep
-    them in the graph (DDP needs every parameter to get a gradient, even from a batch without any report).
-    """
-    return valid | ~valid.any(dim=1, keepdim=True)
+__all__ = ["RecLMIS", "RecLMISOutput", "CrossModalInteractor", "ReconstructionDecoder", "importance_mask"]
 
 
 def importance_mask(scores: torch.Tensor, valid: torch.Tensor, rate: float) -> torch.Tensor:
@@ -162,16 +159,10 @@ class ReconstructionDecoder(nn.Module):
         return self.head(x)
 
 
-class RecLMIS(nn.Module):
-    """RecLMIS segmentation network: image + optional report → B×1×H×W logits.
+class RecLMISOutput(TrainingOutput):
+    """What :class:`RecLMIS` returns in ``train()`` mode, read by :class:`scripts.losses.reclmis.RecLMISLoss`:
+    ``pred``, ``text_present`` and ``text_group`` as :class:`scripts.networks.blocks.TrainingOutput`, and
 
-    LViT's CNN U-Net (``encoder``: :class:`scripts.networks.lvit_unet.LViTUNetEncoder`, ``decoder``:
-    :class:`scripts.networks.lvit_unet.LViTUNetDecoder`, full-resolution stem, ReLU, no dropout) with the
-    :class:`CrossModalInteractor` on the bottleneck between the two. In ``eval()`` mode ``forward`` returns the
-    logits only: no importance, masking or reconstruction runs. In ``train()`` mode it returns a dict that
-    :class:`scripts.losses.reclmis.RecLMISLoss` reads:
-
-    - ``"pred"``: B×1×H×W logits;
     - ``"image_tokens"``: B×N×C bottleneck tokens before the interactor (N = H·W / 256);
     - ``"text_tokens"``: B×L×C projected report tokens before the interactor;
     - ``"text_valid"``: B×L bool, True for real tokens;
@@ -180,9 +171,30 @@ class RecLMIS(nn.Module):
     - ``"rec_image"``, ``"rec_image_target"``: B×N×C reconstructed image tokens and their (detached) target, the
       interactor's image tokens;
     - ``"rec_text"``, ``"rec_text_target"``: B×L×D reconstructed report tokens and their (detached) target, the
-      text encoder's token states;
-    - ``"text_present"``: B bool, False for samples without a report;
-    - ``"text_group"``: B long, equal for samples with the same report.
+      text encoder's token states.
+    """
+
+    image_tokens: torch.Tensor
+    text_tokens: torch.Tensor
+    text_valid: torch.Tensor
+    image_importance: torch.Tensor
+    text_importance: torch.Tensor
+    image_masked: torch.Tensor
+    text_masked: torch.Tensor
+    rec_image: torch.Tensor
+    rec_image_target: torch.Tensor
+    rec_text: torch.Tensor
+    rec_text_target: torch.Tensor
+
+
+class RecLMIS(nn.Module):
+    """RecLMIS segmentation network: image + optional report → B×1×H×W logits.
+
+    LViT's CNN U-Net (``encoder``: :class:`scripts.networks.lvit_unet.LViTUNetEncoder`, ``decoder``:
+    :class:`scripts.networks.lvit_unet.LViTUNetDecoder`, full-resolution stem, ReLU, no dropout) with the
+    :class:`CrossModalInteractor` on the bottleneck between the two. In ``eval()`` mode ``forward`` returns the
+    logits only: no importance, masking or reconstruction runs. In ``train()`` mode it returns a
+    :class:`RecLMISOutput`.
 
     Args:
         in_channels: image channels.
@@ -258,7 +270,7 @@ class RecLMIS(nn.Module):
 
     def forward(
         self, image: torch.Tensor, text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
-    ) -> torch.Tensor | dict:
+    ) -> torch.Tensor | RecLMISOutput:
         """
         Args:
             image: B×C×H×W, H and W divisible by 16.
@@ -266,7 +278,7 @@ class RecLMIS(nn.Module):
             text_mask: B×L attention mask (1 token, 0 padding); an all-zero row means "no report".
 
         Returns:
-            B×out_channels×H×W logits in eval mode; the dict described in the class docstring in train mode.
+            B×out_channels×H×W logits in eval mode, a :class:`RecLMISOutput` in train mode.
         """
         b = image.shape[0]
         skips, bottleneck = self.encoder(image)
@@ -276,11 +288,9 @@ class RecLMIS(nn.Module):
         pred = self.decoder(skips, fused)
         if not self.training:
             return pred
-        out = {"pred": pred, **self._reconstruct(bottleneck, fused, text[:, 1:], text_fused[:, 1:], states, mask)}
-        out["text_present"] = mask.any(dim=1)
-        no_text = torch.zeros(b, dtype=torch.long, device=image.device)
-        out["text_group"] = no_text if text_ids is None else report_groups(text_ids, mask)
-        return out
+        present, group = report_bookkeeping(text_ids, mask, b, image.device)
+        reconstruction = self._reconstruct(bottleneck, fused, text[:, 1:], text_fused[:, 1:], states, mask)
+        return RecLMISOutput(pred=pred, text_present=present, text_group=group, **reconstruction)
 
     def _reconstruct(
         self,
@@ -291,7 +301,8 @@ class RecLMIS(nn.Module):
         states: torch.Tensor,
         mask: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Importance, masking and the two reconstructions (training only).
+        """Importance, masking and the two reconstructions (training only): the :class:`RecLMISOutput` keys
+        other than ``pred``, ``text_present`` and ``text_group``.
 
         Args:
             bottleneck: B×C×h×w encoder features before the interactor.
@@ -307,7 +318,7 @@ class RecLMIS(nn.Module):
         image_pos = sincos_positions((h, w), c, image_tokens)
         text_pos = sincos_positions((1, words.shape[1]), c, words)
         image_valid = torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device)
-        text_valid = _any_valid(mask)
+        text_valid = with_fallback_token(mask)
 
         # importance from the interactor outputs: the tokens each modality found relevant to the other
         image_scores = self.image_importance(fused.flatten(2).transpose(1, 2))[..., 0]
