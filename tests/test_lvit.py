@@ -87,8 +87,11 @@ def test_gradients_reach_every_trainable_part(tokens):
     def grad(module):
         return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
 
-    for part in ("inc", "downs", "vit", "plam", "ups", "head", "text_proj", "text_to_patches"):
-        assert grad(getattr(net, part)) > 0, part
+    parts = {"stem": net.encoder.stem, "downs": net.encoder.downs, "vit": net.vit,
+             "skip_attention": net.decoder.skip_attention, "ups": net.decoder.ups, "head": net.decoder.head,
+             "text_proj": net.text_proj, "text_to_patches": net.text_to_patches}
+    for part, module in parts.items():
+        assert grad(module) > 0, part
     for stage in range(4):
         assert grad(net.vit.down[stage]) > 0 and grad(net.vit.up[stage]) > 0 and grad(net.vit.to_map[stage]) > 0
     assert float(net.text_proj.null_token.grad.abs().sum()) > 0
@@ -193,4 +196,6 @@ def test_image_only_ablation_has_no_text_parameters():
     net = LViTStyle(use_text=False)
     names = [n for n, _ in net.named_parameters()]
     assert not any(n.startswith(("text_encoder.", "text_proj.", "text_to_patches.")) for n in names)
+    # the constructor runs to its end: the text modules exist, as None
+    assert (net.text_encoder, net.text_proj, net.text_to_patches) == (None, None, None)
     assert net(torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)

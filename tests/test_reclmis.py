@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import tokenize_reports
 from scripts.losses.reclmis import RecLMISLoss, token_contrastive_loss, token_max_similarity
-from scripts.networks.reclmis import RecLMIS, ReconstructionDecoder, importance_mask
+from scripts.networks.reclmis import RecLMIS, RecLMISOutput, ReconstructionDecoder, importance_mask
 
 
 REPORTS = ["lower left lung.", "upper right lung.", "lower left lung.", "all left lung and middle right lung."]
@@ -45,6 +45,7 @@ def test_eval_mode_returns_plain_logits(tokens, size):
 def test_training_output_and_every_loss_term(tokens):
     torch.manual_seed(0)
     out = RecLMIS().train()(torch.rand(4, 1, 64, 96), *tokens)
+    assert set(out) == RecLMISOutput.__required_keys__  # every key the TypedDict declares, and no other
     n, c = (64 // 16) * (96 // 16), 96
     assert out["pred"].shape == (4, 1, 64, 96)
     assert out["image_tokens"].shape == out["rec_image"].shape == out["rec_image_target"].shape == (4, n, c)
@@ -229,6 +230,19 @@ def test_no_report_batch_gives_graph_connected_zero_terms(tokens):
 def test_published_widths_are_configurable():
     net = RecLMIS(features=(64, 128, 256, 512, 512), rec_layers=1)
     assert net.features == (64, 128, 256, 512, 512)
-    assert net.interactor.channels == 512 and net.head.in_channels == 64
+    assert net.interactor.channels == 512 and net.decoder.head.in_channels == 64
     with pytest.raises(ValueError):
         RecLMIS(features=(8, 16, 32, 64))
+
+
+def test_imports_no_sibling_network():
+    """Shared pieces come from blocks / lvit_unet, never from another network's module."""
+    import ast
+    import inspect
+
+    import scripts.networks.reclmis as module
+
+    tree = ast.parse(inspect.getsource(module))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    siblings = {f"scripts.networks.{name}" for name in ("tmca", "ssa", "guidedecoder", "lvit")}
+    assert not imported & siblings, imported & siblings

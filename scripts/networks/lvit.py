@@ -16,16 +16,15 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution, SubpixelUpsample, TransformerBlock
-from monai.networks.nets.basic_unet import Down, UpCat
+from monai.networks.blocks import Convolution, TransformerBlock
 from torch import nn
 
-from scripts.networks.blocks import PixelLevelAttention, TextProjector, sincos_positions
+from scripts.networks.blocks import TextProjector, sincos_positions
+from scripts.networks.lvit_unet import NUM_LEVELS, LViTUNetDecoder, LViTUNetEncoder
 from scripts.networks.text_encoder import HFTextEncoder
 
 __all__ = ["LViTStyle", "TextToPatches", "ViTBranch", "add_upsampled"]
 
-NUM_LEVELS = 4  # U-Net levels with a ViT stage and a skip (LViT: strides 1, 2, 4, 8; a fifth is the bottleneck)
 TOKEN_STRIDE = 16  # every ViT stage works on the same H/16 × W/16 token grid (LViT: 14×14 at 224²)
 
 
@@ -189,11 +188,13 @@ def add_upsampled(x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
 class LViTStyle(nn.Module):
     """LViT-style segmentation network: image + optional report → B×1×H×W logits (both modes).
 
-    A U-Net (MONAI ``Down``/``UpCat``; LViT's layout: five levels, widths C, 2C, 4C, 8C, 8C, decoder widths
-    4C, 2C, C, C, nearest upsampling), a parallel :class:`ViTBranch` whose output is added to the skips of the first
-    four levels, the frozen text encoder's token states projected to the ViT's level-1 width and spread over the patches
-    (:class:`TextToPatches`), and a :class:`PixelLevelAttention` on each skip. Trained with 0.5 Dice + 0.5 BCE
-    (:class:`scripts.losses.DiceBCELoss`); it has no auxiliary outputs, so ``train()`` mode returns logits too.
+    LViT's CNN U-Net (``encoder``: :class:`scripts.networks.lvit_unet.LViTUNetEncoder`, ``decoder``:
+    :class:`scripts.networks.lvit_unet.LViTUNetDecoder`; LViT's layout: five levels, widths C, 2C, 4C, 8C, 8C,
+    decoder widths 4C, 2C, C, C, nearest upsampling, LViT's pixel-level attention on each skip), a parallel
+    :class:`ViTBranch` whose output is added to the skips of the first four levels between the two, and the frozen
+    text encoder's token states projected to the ViT's level-1 width and spread over the patches
+    (:class:`TextToPatches`). Trained with 0.5 Dice + 0.5 BCE (:class:`scripts.losses.DiceBCELoss`); it has no
+    auxiliary outputs, so ``train()`` mode returns logits too.
 
     Args:
         in_channels: image channels.
@@ -213,7 +214,8 @@ class LViTStyle(nn.Module):
         vit_depth: transformer blocks per stack (LViT: 1).
         vit_heads: attention heads (LViT: 8).
         vit_dropout: dropout on the patch embeddings (LViT: 0.1).
-        use_text: False drops the text encoder and the report path (the image-only ablation, CNN + ViT).
+        use_text: False drops the text encoder and the report path (the image-only ablation, CNN + ViT);
+            ``text_encoder``, ``text_proj`` and ``text_to_patches`` are then None.
         act: activation of the convolution blocks (LViT: ReLU).
         norm: normalisation of the convolution blocks (LViT: batch norm; instance norm here does not depend on
             the batch size).
@@ -241,44 +243,28 @@ class LViTStyle(nn.Module):
     ) -> None:
         super().__init__()
         ch = [int(c) for c in channels]
-        if len(ch) != NUM_LEVELS + 1:
-            raise ValueError(f"channels needs {NUM_LEVELS + 1} widths, got {ch}")
-        if stem_stride not in (1, 2):
-            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         self.stem_stride = int(stem_stride)
         dims = [int(d) for d in (vit_channels if vit_channels is not None else ch[:NUM_LEVELS])]
         self.use_text = bool(use_text)
         self.text_tokens = int(text_tokens)
 
-        self.inc = Convolution(
-            2, in_channels, ch[0], strides=stem_stride, kernel_size=3, act=act, norm=norm, dropout=dropout
-        )
-        self.downs = nn.ModuleList(Down(2, ch[k], ch[k + 1], act, norm, True, dropout) for k in range(NUM_LEVELS))
+        # the encoder's divisor, 16 · stem_stride, also makes level 1 a whole number of ViT patches
+        self.encoder = LViTUNetEncoder(in_channels, ch, stem_stride, act=act, norm=norm, dropout=dropout)
         self.vit = ViTBranch(
-            ch[:NUM_LEVELS], dims, TOKEN_STRIDE // stem_stride, vit_depth, vit_heads, dropout=vit_dropout, act=act,
-            norm=norm,
+            ch[:NUM_LEVELS], dims, TOKEN_STRIDE // self.stem_stride, vit_depth, vit_heads, dropout=vit_dropout,
+            act=act, norm=norm,
         )
-        self.plam = nn.ModuleList(PixelLevelAttention(c) for c in ch[:NUM_LEVELS])
-        # LViT's decoder: level k outputs the width of level k−1 (level 1 keeps C), so the deep levels stay thin
-        dec = [ch[0]] + ch[: NUM_LEVELS - 1]
-        up_in = dec[1:] + [ch[NUM_LEVELS]]
-        self.ups = nn.ModuleList(
-            UpCat(2, up_in[k], ch[k], dec[k], act, norm, True, dropout, upsample="nontrainable", pre_conv=None,
-                  interp_mode="nearest", align_corners=None, is_pad=False)
-            for k in range(NUM_LEVELS)
+        self.decoder = LViTUNetDecoder(
+            ch, out_channels, stem_stride, skip_attention=True, act=act, norm=norm, dropout=dropout
         )
-        self.head: nn.Module = nn.Conv2d(ch[0], out_channels, kernel_size=1)
-        if stem_stride > 1:
-            self.head = nn.Sequential(
-                SubpixelUpsample(2, ch[0], ch[0], scale_factor=stem_stride, apply_pad_pool=False),
-                nn.Conv2d(ch[0], out_channels, kernel_size=1),
-            )
-        if not self.use_text:
-            return
-        self.text_encoder = HFTextEncoder(text_encoder_dir, trainable_layers=text_trainable_layers)
-        self.text_proj = TextProjector(self.text_encoder.hidden_size, dims[0])
-        grid = [int(s) // TOKEN_STRIDE for s in img_size]
-        self.text_to_patches = TextToPatches(self.text_tokens + 1, grid)
+        self.text_encoder: HFTextEncoder | None = None
+        self.text_proj: TextProjector | None = None
+        self.text_to_patches: TextToPatches | None = None
+        if self.use_text:
+            self.text_encoder = HFTextEncoder(text_encoder_dir, trainable_layers=text_trainable_layers)
+            self.text_proj = TextProjector(self.text_encoder.hidden_size, dims[0])
+            grid = [int(s) // TOKEN_STRIDE for s in img_size]
+            self.text_to_patches = TextToPatches(self.text_tokens + 1, grid)
 
     def _report_patches(
         self, text_ids: torch.Tensor | None, text_mask: torch.Tensor | None, batch: int, grid: Sequence[int]
@@ -307,18 +293,10 @@ class LViTStyle(nn.Module):
         Returns:
             B×out_channels×H×W logits.
         """
-        div = TOKEN_STRIDE * self.stem_stride
-        if image.shape[-2] % div or image.shape[-1] % div:
-            raise ValueError(f"image height and width must be divisible by {div}, got {tuple(image.shape)}")
-        feats = [self.inc(image)]
-        for down in self.downs:
-            feats.append(down(feats[-1]))
+        skips, bottleneck = self.encoder(image)
         text = None
         if self.use_text:
             grid = (image.shape[-2] // TOKEN_STRIDE, image.shape[-1] // TOKEN_STRIDE)
             text = self._report_patches(text_ids, text_mask, image.shape[0], grid)
-        skips = [add_upsampled(x, m) for x, m in zip(feats[:NUM_LEVELS], self.vit(feats[:NUM_LEVELS], text))]
-        x = feats[NUM_LEVELS]
-        for k in range(NUM_LEVELS - 1, -1, -1):
-            x = self.ups[k](x, self.plam[k](skips[k]))
-        return self.head(x)
+        skips = [add_upsampled(x, m) for x, m in zip(skips, self.vit(skips, text))]
+        return self.decoder(skips, bottleneck)

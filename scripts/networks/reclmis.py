@@ -21,24 +21,20 @@ import os
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import Convolution
-from monai.networks.nets.basic_unet import Down, UpCat
 from torch import nn
 
-from scripts.networks.blocks import GuideLayer, PixelLevelAttention, TextProjector, sincos_positions
+from scripts.networks.blocks import (
+    GuideLayer,
+    TextProjector,
+    TrainingOutput,
+    report_bookkeeping,
+    sincos_positions,
+    with_fallback_token,
+)
+from scripts.networks.lvit_unet import LViTUNetDecoder, LViTUNetEncoder
 from scripts.networks.text_encoder import HFTextEncoder
-from scripts.networks.blocks import report_groups
 
-__all__ = ["RecLMIS", "CrossModalInteractor", "ReconstructionDecoder", "importance_mask"]
-
-
-def _any_valid(valid: torch.Tensor) -> torch.Tensor:
-    """Rows without any valid token count every token as valid, so softmax and attention stay finite.
-
-    Such rows belong to samples without a report; the loss gives them zero weight, and their finite values keep
-    them in the graph (DDP needs every parameter to get a gradient, even from a batch without any report).
-    """
-    return valid | ~valid.any(dim=1, keepdim=True)
+__all__ = ["RecLMIS", "RecLMISOutput", "CrossModalInteractor", "ReconstructionDecoder", "importance_mask"]
 
 
 def importance_mask(scores: torch.Tensor, valid: torch.Tensor, rate: float) -> torch.Tensor:
@@ -163,13 +159,10 @@ class ReconstructionDecoder(nn.Module):
         return self.head(x)
 
 
-class RecLMIS(nn.Module):
-    """RecLMIS segmentation network: image + optional report → B×1×H×W logits.
+class RecLMISOutput(TrainingOutput):
+    """What :class:`RecLMIS` returns in ``train()`` mode, read by :class:`scripts.losses.reclmis.RecLMISLoss`:
+    ``pred``, ``text_present`` and ``text_group`` as :class:`scripts.networks.blocks.TrainingOutput`, and
 
-    In ``eval()`` mode ``forward`` returns the logits only: no importance, masking or reconstruction runs. In
-    ``train()`` mode it returns a dict that :class:`scripts.losses.reclmis.RecLMISLoss` reads:
-
-    - ``"pred"``: B×1×H×W logits;
     - ``"image_tokens"``: B×N×C bottleneck tokens before the interactor (N = H·W / 256);
     - ``"text_tokens"``: B×L×C projected report tokens before the interactor;
     - ``"text_valid"``: B×L bool, True for real tokens;
@@ -178,9 +171,30 @@ class RecLMIS(nn.Module):
     - ``"rec_image"``, ``"rec_image_target"``: B×N×C reconstructed image tokens and their (detached) target, the
       interactor's image tokens;
     - ``"rec_text"``, ``"rec_text_target"``: B×L×D reconstructed report tokens and their (detached) target, the
-      text encoder's token states;
-    - ``"text_present"``: B bool, False for samples without a report;
-    - ``"text_group"``: B long, equal for samples with the same report.
+      text encoder's token states.
+    """
+
+    image_tokens: torch.Tensor
+    text_tokens: torch.Tensor
+    text_valid: torch.Tensor
+    image_importance: torch.Tensor
+    text_importance: torch.Tensor
+    image_masked: torch.Tensor
+    text_masked: torch.Tensor
+    rec_image: torch.Tensor
+    rec_image_target: torch.Tensor
+    rec_text: torch.Tensor
+    rec_text_target: torch.Tensor
+
+
+class RecLMIS(nn.Module):
+    """RecLMIS segmentation network: image + optional report → B×1×H×W logits.
+
+    LViT's CNN U-Net (``encoder``: :class:`scripts.networks.lvit_unet.LViTUNetEncoder`, ``decoder``:
+    :class:`scripts.networks.lvit_unet.LViTUNetDecoder`, full-resolution stem, ReLU, no dropout) with the
+    :class:`CrossModalInteractor` on the bottleneck between the two. In ``eval()`` mode ``forward`` returns the
+    logits only: no importance, masking or reconstruction runs. In ``train()`` mode it returns a
+    :class:`RecLMISOutput`.
 
     Args:
         in_channels: image channels.
@@ -221,19 +235,10 @@ class RecLMIS(nn.Module):
         self.image_mask_rate, self.text_mask_rate = float(image_mask_rate), float(text_mask_rate)
         act = ("relu", {"inplace": True})
         # one convolution at full resolution before the first pooling, as LViT's (the costliest level on CPU)
-        self.stem = Convolution(2, in_channels, f[0], kernel_size=3, act=act, norm=norm)
-        self.downs = nn.ModuleList(Down(2, f[i], f[i + 1], act, norm, True) for i in range(4))
-        # the decoder narrows as LViT's: 16 -> 8 gives f[2], 8 -> 4 f[1], 4 -> 2 f[0], 2 -> 1 f[0]
-        outs = (f[0], f[0], f[1], f[2])
-        self.ups = nn.ModuleList(
-            UpCat(2, f[i + 1] if i == 3 else outs[i + 1], f[i], outs[i], act, norm, True, upsample="nontrainable",
-                  pre_conv=None, interp_mode="nearest", align_corners=None, is_pad=False)
-            for i in reversed(range(4))
+        self.encoder = LViTUNetEncoder(in_channels, f, stem_stride=1, act=act, norm=norm)
+        self.decoder = LViTUNetDecoder(
+            f, out_channels, stem_stride=1, skip_attention=skip_attention, act=act, norm=norm
         )
-        self.skip_attention = nn.ModuleList(
-            PixelLevelAttention(f[i]) if skip_attention else nn.Identity() for i in reversed(range(4))
-        )
-        self.head = nn.Conv2d(f[0], out_channels, kernel_size=1)
 
         self.text_encoder = HFTextEncoder(text_encoder_dir, trainable_layers=text_trainable_layers)
         d_text = self.text_encoder.hidden_size
@@ -265,7 +270,7 @@ class RecLMIS(nn.Module):
 
     def forward(
         self, image: torch.Tensor, text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
-    ) -> torch.Tensor | dict:
+    ) -> torch.Tensor | RecLMISOutput:
         """
         Args:
             image: B×C×H×W, H and W divisible by 16.
@@ -273,27 +278,19 @@ class RecLMIS(nn.Module):
             text_mask: B×L attention mask (1 token, 0 padding); an all-zero row means "no report".
 
         Returns:
-            B×out_channels×H×W logits in eval mode; the dict described in the class docstring in train mode.
+            B×out_channels×H×W logits in eval mode, a :class:`RecLMISOutput` in train mode.
         """
         b = image.shape[0]
-        skips = [self.stem(image)]
-        for down in self.downs:
-            skips.append(down(skips[-1]))
-        bottleneck = skips.pop()
+        skips, bottleneck = self.encoder(image)
         states, mask = self._encode_text(text_ids, text_mask, b, image)
         text, key_padding = self.text_proj(states, mask, b)
         fused, text_fused = self.interactor(bottleneck, text, key_padding)
-        x = fused
-        for up, attend in zip(self.ups, self.skip_attention):
-            x = up(x, attend(skips.pop()))
-        pred = self.head(x)
+        pred = self.decoder(skips, fused)
         if not self.training:
             return pred
-        out = {"pred": pred, **self._reconstruct(bottleneck, fused, text[:, 1:], text_fused[:, 1:], states, mask)}
-        out["text_present"] = mask.any(dim=1)
-        no_text = torch.zeros(b, dtype=torch.long, device=image.device)
-        out["text_group"] = no_text if text_ids is None else report_groups(text_ids, mask)
-        return out
+        present, group = report_bookkeeping(text_ids, mask, b, image.device)
+        reconstruction = self._reconstruct(bottleneck, fused, text[:, 1:], text_fused[:, 1:], states, mask)
+        return RecLMISOutput(pred=pred, text_present=present, text_group=group, **reconstruction)
 
     def _reconstruct(
         self,
@@ -304,7 +301,8 @@ class RecLMIS(nn.Module):
         states: torch.Tensor,
         mask: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Importance, masking and the two reconstructions (training only).
+        """Importance, masking and the two reconstructions (training only): the :class:`RecLMISOutput` keys
+        other than ``pred``, ``text_present`` and ``text_group``.
 
         Args:
             bottleneck: B×C×h×w encoder features before the interactor.
@@ -320,7 +318,7 @@ class RecLMIS(nn.Module):
         image_pos = sincos_positions((h, w), c, image_tokens)
         text_pos = sincos_positions((1, words.shape[1]), c, words)
         image_valid = torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device)
-        text_valid = _any_valid(mask)
+        text_valid = with_fallback_token(mask)
 
         # importance from the interactor outputs: the tokens each modality found relevant to the other
         image_scores = self.image_importance(fused.flatten(2).transpose(1, 2))[..., 0]
