@@ -19,6 +19,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, SaveImage, SaveImaged
 
+from scripts.image_files import image_stem, is_raster
+
 __all__ = [
     "OUTPUT_FORMATS",
     "SaveOutputsd",
@@ -241,9 +243,6 @@ class SaveMaskLikeInputd(MapTransform):
         probability: write a probability map (values in [0, 1]) rather than a binary mask.
     """
 
-    _PNG_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-    _STRIP_SUFFIXES = (".nii.gz", ".nii", *_PNG_SUFFIXES, ".dcm", ".dicom")
-
     def __init__(
         self,
         keys: KeysCollection,
@@ -267,15 +266,11 @@ class SaveMaskLikeInputd(MapTransform):
         name) when it has one, else the input's file name without its image suffix."""
         if self.id_key is not None and data.get(self.id_key):
             return re.sub(r"[^\w.-]", "_", str(data[self.id_key]))
-        name = Path(_source_file(data.get(self.ref_key))).name
-        for suffix in self._STRIP_SUFFIXES:
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
-        return name
+        return image_stem(_source_file(data.get(self.ref_key)))
 
     def write(self, data: Mapping[Hashable, Any], key: Hashable) -> str:
         """Writes ``data[key]`` in the format of the sample's input; returns the path of the file written."""
-        is_png = Path(_source_file(data.get(self.ref_key))).suffix.lower() in self._PNG_SUFFIXES
+        is_png = is_raster(_source_file(data.get(self.ref_key)))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         name = str(self.output_dir / f"{self.stem(data)}_{self.output_postfix}")
         (self.png if is_png else self.nifti)(data[key], filename=name)
