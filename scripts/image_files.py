@@ -11,7 +11,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["RASTER_SUFFIXES", "NIFTI_SUFFIXES", "DICOM_SUFFIXES", "IMAGE_SUFFIXES", "is_image", "is_raster", "image_stem"]
+__all__ = [
+    "RASTER_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "DICOM_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "is_image",
+    "is_raster",
+    "image_stem",
+]
 
 RASTER_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 """PIL formats (``scripts.dicom.RasterImageReader``); masks predicted for them are written as PNG."""
