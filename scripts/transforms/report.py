@@ -89,7 +89,8 @@ class TokenizeReportd(MapTransform):
 
     Args:
         keys: the report text key(s), usually ``"report"``.
-        tokenizer_dir, max_length, lowercase, unicode_form: see :class:`TokenizeReport`.
+        tokenizer: the tokenizer; the configs give every component the same one (``@tokenizer``), so reports are
+            tokenised alike at load time, after a side flip and in MONAI Label. None: ``TokenizeReport()``.
         allow_missing_report: when True, a missing, None or empty report becomes "no report" (inference,
             MONAI Label); when False it raises an error naming the sample's image (training and evaluation data
             must carry their reports).
@@ -102,17 +103,14 @@ class TokenizeReportd(MapTransform):
     def __init__(
         self,
         keys: KeysCollection = "report",
-        tokenizer_dir: str | os.PathLike | None = None,
-        max_length: int = 24,
+        tokenizer: TokenizeReport | None = None,
         allow_missing_report: bool = False,
         ids_suffix: str = "_ids",
         mask_suffix: str = "_mask",
-        lowercase: bool = False,
-        unicode_form: str | None = "NFKC",
         absent_report_image_only: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys=True)
-        self.tokenize = TokenizeReport(tokenizer_dir, max_length, lowercase, unicode_form)
+        self.tokenize = tokenizer if tokenizer is not None else TokenizeReport()
         self.allow_missing_report = allow_missing_report
         self.absent_report_image_only = absent_report_image_only
         self.ids_suffix, self.mask_suffix = ids_suffix, mask_suffix
@@ -192,7 +190,8 @@ class RandSideFlipd(RandomizableTransform, MapTransform):
     """Side-aware horizontal flip: flips image and mask left↔right and swaps the sides named in the report.
 
     A plain flip (as LViT and RecLMIS train with) turns "left lower lung" into a lie. The report is re-tokenised
-    after the swap (the tokenizer caches each distinct text, so this is cheap).
+    after the swap, with the tokenizer :class:`TokenizeReportd` used (it caches each distinct text, so this is
+    cheap).
 
     Args:
         keys: image and mask keys to flip.
@@ -200,7 +199,8 @@ class RandSideFlipd(RandomizableTransform, MapTransform):
         prob: flip probability.
         spatial_axis: the image's left–right axis. 0 for images read by MONAI's readers (the first spatial axis
             is the column, x), which is every format this bundle loads.
-        tokenizer_dir, max_length, lowercase, unicode_form: as given to :class:`TokenizeReportd`.
+        tokenizer: the tokenizer given to :class:`TokenizeReportd` (``@tokenizer`` in the configs); None:
+            ``TokenizeReport()``.
     """
 
     def __init__(
@@ -209,16 +209,13 @@ class RandSideFlipd(RandomizableTransform, MapTransform):
         report_key: str = "report",
         prob: float = 0.5,
         spatial_axis: int = 0,
-        tokenizer_dir: str | os.PathLike | None = None,
-        max_length: int = 24,
-        lowercase: bool = False,
-        unicode_form: str | None = "NFKC",
+        tokenizer: TokenizeReport | None = None,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys=True)
         RandomizableTransform.__init__(self, prob)
         self.flip = Flipd(keys, spatial_axis=spatial_axis, allow_missing_keys=True)
         self.report_key = report_key
-        self.tokenize = TokenizeReport(tokenizer_dir, max_length, lowercase, unicode_form)
+        self.tokenize = tokenizer if tokenizer is not None else TokenizeReport()
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         self.randomize(None)
@@ -228,7 +225,9 @@ class RandSideFlipd(RandomizableTransform, MapTransform):
         d = dict(self.flip(d))
         text = d.get(self.report_key)
         if isinstance(text, str) and text.strip():
-            d[self.report_key] = swap_sides(text)
+            # swapped in the form it is tokenised in: NFKC turns a full-width "Ｌｅｆｔ" into "left", which the swap
+            # must see too
+            d[self.report_key] = swap_sides(self.tokenize.normalise(text))
             ids, mask = self.tokenize(d[self.report_key])
             d[f"{self.report_key}_ids"], d[f"{self.report_key}_mask"] = ids, mask
         return d
