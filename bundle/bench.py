@@ -170,10 +170,7 @@ def _path_parser(network: str, path: str, overrides: dict | None = None, device:
 def _batch_maker(parser) -> Callable[[int, int], dict]:
     """``make(b, size)``: a random B×C×size×size batch with masks and the benchmark report tokenised as the config
     tokenises reports (the tokenizer is loaded once)."""
-    from scripts.transforms import TokenizeReport
-
-    tokens = TokenizeReport(parser.get_parsed_content("text_encoder_dir"), max_length=parser["max_report_tokens"])
-    ids, mask = tokens(_BENCH_REPORT)
+    ids, mask = parser.get_parsed_content("tokenizer")(_BENCH_REPORT)
     in_channels = int(parser["network_def"].get("in_channels", 1))
 
     def make(b: int, size: int) -> dict:

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from scripts.image_files import DICOM_SUFFIXES, IMAGE_SUFFIXES, image_stem, is_raster
+
 __all__ = ["DatalistError", "Datalist", "read_report", "check_pair", "build_datalist", "write_datalist", "LAYOUTS"]
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,6 @@ logger = logging.getLogger(__name__)
 SPLITS = ("training", "validation", "test")
 _SPLIT_NAMES = {"train": "training", "training": "training", "val": "validation", "valid": "validation",
                 "validation": "validation", "test": "test", "testing": "test"}
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 class DatalistError(ValueError):
@@ -100,7 +101,7 @@ def _normalise(text: str, source: object) -> str:
 def _size(path: Path) -> tuple[int, ...]:
     if not path.is_file():
         raise DatalistError(f"{path}: no such file")
-    if path.suffix.lower() in _IMAGE_SUFFIXES:
+    if is_raster(path):
         try:
             with Image.open(path) as im:
                 im.verify()
@@ -124,7 +125,7 @@ def check_pair(image: str | os.PathLike, label: str | os.PathLike | None) -> Non
     label_size = _size(label)
     if size and label_size and size != label_size:
         raise DatalistError(f"{label}: mask size {label_size} differs from image {image.name} size {size}")
-    if label.suffix.lower() in _IMAGE_SUFFIXES:
+    if is_raster(label):
         with Image.open(label) as im:
             values = np.unique(np.asarray(im))
         if len(values) > 2 or (len(values) == 2 and values[0] != 0):
@@ -133,7 +134,7 @@ def check_pair(image: str | os.PathLike, label: str | os.PathLike | None) -> Non
 
 
 def _find(folder: Path, stem: str) -> Path | None:
-    for suffix in (*_IMAGE_SUFFIXES, ".nii.gz", ".nii", ".dcm"):
+    for suffix in IMAGE_SUFFIXES:
         p = folder / f"{stem}{suffix}"
         if p.is_file():
             return p
@@ -175,8 +176,8 @@ def _folder_layout(root: Path, encoding_errors: str) -> Iterable[tuple[str | Non
 
 
 def _stem(p: Path) -> str:
-    name = p.name
-    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else p.stem
+    stem = image_stem(p)
+    return stem if stem != p.name else p.stem
 
 
 def _read_excel(path: Path) -> list[dict]:
@@ -285,7 +286,7 @@ def _pacs_layout(root: Path, encoding_errors: str) -> Iterable[tuple[str | None,
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except InvalidDicomError:
-            if path.suffix.lower() in (".dcm", ".dicom"):
+            if path.name.lower().endswith(DICOM_SUFFIXES):
                 broken.append((path, "unreadable or corrupt DICOM file"))
             continue  # not DICOM at all: other files of an export (viewers, indexes) are ignored
         except (OSError, ValueError, EOFError) as e:

@@ -93,16 +93,10 @@ def example_inputs(
         img = torch.as_tensor(sample["image"]).float()[None]
         ids, mask = torch.as_tensor(sample["report_ids"])[None], torch.as_tensor(sample["report_mask"])[None]
     else:
-        from scripts.transforms import TokenizeReport
-
         size = parser.get_parsed_content("spatial_size")
         channels = parser.get_parsed_content("network_def#in_channels")
         img = torch.rand(1, channels, *size, generator=torch.Generator().manual_seed(0))
-        tokenize = TokenizeReport(
-            tokenizer_dir=parser.get_parsed_content("text_encoder_dir"),
-            max_length=parser.get_parsed_content("max_report_tokens"),
-        )
-        ids, mask = (t[None] for t in tokenize(report))
+        ids, mask = (t[None] for t in parser.get_parsed_content("tokenizer")(report))
     ids, mask = ids.long(), mask.long()
     masks = torch.cat([mask if i % 2 == 0 else torch.zeros_like(mask) for i in range(batch)])
     return img.repeat(batch, 1, 1, 1), ids.repeat(batch, 1), masks

@@ -8,14 +8,15 @@ from pathlib import Path
 
 from monai.data import load_decathlon_datalist
 
-__all__ = ["inference_datalist"]
+from scripts.image_files import IMAGE_SUFFIXES, is_image
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".dcm")
+__all__ = ["inference_datalist"]
 
 
 def inference_datalist(dataset_dir: str | os.PathLike, datalist: str | os.PathLike | None, split: str) -> list[dict]:
     """Items to segment: the ``split`` entries of ``datalist`` when that file exists (image paths made absolute,
-    reports kept, labels dropped), otherwise every image file directly in ``dataset_dir``, without reports.
+    reports kept, labels dropped), otherwise every image file directly in ``dataset_dir`` (any of
+    ``scripts.image_files.IMAGE_SUFFIXES``), without reports.
 
     Raises:
         FileNotFoundError: when neither gives any image, naming the folder.
@@ -27,7 +28,7 @@ def inference_datalist(dataset_dir: str | os.PathLike, datalist: str | os.PathLi
             raise KeyError(f"datalist {datalist} has no '{split}' list; it has {sorted(keys)}")
         items = load_decathlon_datalist(str(datalist), is_segmentation=False, data_list_key=split)
         return [{k: v for k, v in item.items() if k != "label"} for item in items]
-    files = sorted(p for p in Path(dataset_dir).iterdir() if p.name.lower().endswith(_IMAGE_SUFFIXES))
+    files = sorted(p for p in Path(dataset_dir).iterdir() if is_image(p))
     if not files:
-        raise FileNotFoundError(f"no datalist and no images ({', '.join(_IMAGE_SUFFIXES)}) in {dataset_dir}")
+        raise FileNotFoundError(f"no datalist and no images ({', '.join(IMAGE_SUFFIXES)}) in {dataset_dir}")
     return [{"image": str(p)} for p in files]

@@ -11,11 +11,12 @@ import numpy as np
 from monai.data import ImageReader, PILReader
 from monai.utils import ensure_tuple
 
+from scripts.image_files import DICOM_SUFFIXES
+
 __all__ = ["DicomImageReader", "RasterImageReader"]
 
 logger = logging.getLogger(__name__)
 
-_DICOM_SUFFIXES = (".dcm", ".dicom")
 _UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -59,7 +60,7 @@ class DicomImageReader(ImageReader):
         names = [str(n) for n in ensure_tuple(filename)]
         if len(names) == 1 and os.path.isdir(names[0]):
             return True
-        return all(n.lower().endswith(_DICOM_SUFFIXES) for n in names)
+        return all(n.lower().endswith(DICOM_SUFFIXES) for n in names)
 
     def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs: Any) -> Any:
         import pydicom

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -24,14 +23,14 @@ class ReportInferer(SimpleInferer):
 
     Args:
         report: the report for calls without text keywords; ``""`` for none.
-        tokenizer_dir: the text encoder's folder (None: the bundled MiniLM), as in ``TokenizeReportd``.
-        max_length: tokens per report, as in ``TokenizeReportd``.
+        tokenizer: the tokenizer the preprocessing's ``TokenizeReportd`` uses (``@tokenizer`` in the configs), so a
+            report typed in MONAI Label gets the ids the same report in a datalist gets. None: ``TokenizeReport()``.
     """
 
-    def __init__(self, report: str = "", tokenizer_dir: str | os.PathLike | None = None, max_length: int = 24) -> None:
+    def __init__(self, report: str = "", tokenizer: TokenizeReport | None = None) -> None:
         super().__init__()
         self.report = report or ""
-        self.tokenize = TokenizeReport(tokenizer_dir, max_length) if self.report.strip() else None
+        self.tokenize = tokenizer if tokenizer is not None else TokenizeReport()
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """
@@ -40,7 +39,7 @@ class ReportInferer(SimpleInferer):
             network: the network; called with the report's B×L ``text_ids``/``text_mask`` when the call brings no
                 text of its own and a report is set.
         """
-        if self.tokenize is not None and "text_ids" not in kwargs:
+        if self.report.strip() and "text_ids" not in kwargs:
             ids, mask = self.tokenize(self.report)
             batch = inputs.shape[0]
             kwargs["text_ids"] = ids[None].expand(batch, -1).to(inputs.device)

@@ -8,6 +8,7 @@ import copy
 import json
 import logging
 import os
+import re
 import textwrap
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -16,11 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, SaveImaged
+from monai.transforms import MapTransform, SaveImage, SaveImaged
 
-from scripts.transforms import SaveMaskLikeInputd
+from scripts.image_files import image_stem, is_raster
 
-__all__ = ["OUTPUT_FORMATS", "SaveOutputsd", "contour", "overlay_image", "dicom_segmentation", "dicom_sources"]
+__all__ = [
+    "OUTPUT_FORMATS",
+    "SaveOutputsd",
+    "SaveMaskLikeInputd",
+    "contour",
+    "overlay_image",
+    "dicom_segmentation",
+    "dicom_sources",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +225,64 @@ def dicom_segmentation(
     )
 
 
+class SaveMaskLikeInputd(MapTransform):
+    """Save a predicted mask (or probability map) in the format of its input image: PNG for raster inputs
+    (PNG/JPEG/BMP/TIFF), NIfTI otherwise.
+
+    PNG masks are written as 8-bit 0/255 images, PNG probability maps as 8-bit probability × 255; NIfTI outputs keep
+    the input's affine (masks uint8, probability maps float32). ``pred`` should already be in the input's geometry
+    (``Invertd`` before this transform). :meth:`write` saves one key and returns the path it wrote.
+
+    Args:
+        keys: prediction key(s), each C×X×Y in MONAI's array convention.
+        output_dir: destination folder.
+        output_postfix: appended to the name.
+        ref_key: key of the input image whose file name decides the format.
+        id_key: key of the entry's id; when an entry has one, the output is named ``<id>_<postfix>`` (a DICOM series'
+            files have meaningless names, its id is the SeriesInstanceUID), else after the input file.
+        probability: write a probability map (values in [0, 1]) rather than a binary mask.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike,
+        output_postfix: str = "seg",
+        ref_key: str = "image",
+        id_key: str | None = "id",
+        probability: bool = False,
+    ) -> None:
+        super().__init__(keys)
+        self.ref_key, self.id_key = ref_key, id_key
+        self.output_dir, self.output_postfix = Path(output_dir), output_postfix
+        common = {"output_dir": str(output_dir), "output_postfix": output_postfix, "separate_folder": False,
+                  "print_log": False}
+        self.png = SaveImage(output_ext=".png", output_dtype=np.uint8, scale=255, resample=False, **common)
+        nifti_dtype = np.float32 if probability else np.uint8
+        self.nifti = SaveImage(output_ext=".nii.gz", output_dtype=nifti_dtype, resample=False, **common)
+
+    def stem(self, data: Mapping[Hashable, Any]) -> str:
+        """The name a sample's outputs share, before ``_<postfix>`` and the extension: its id (made safe for a file
+        name) when it has one, else the input's file name without its image suffix."""
+        if self.id_key is not None and data.get(self.id_key):
+            return re.sub(r"[^\w.-]", "_", str(data[self.id_key]))
+        return image_stem(_source_file(data.get(self.ref_key)))
+
+    def write(self, data: Mapping[Hashable, Any], key: Hashable) -> str:
+        """Writes ``data[key]`` in the format of the sample's input; returns the path of the file written."""
+        is_png = is_raster(_source_file(data.get(self.ref_key)))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        name = str(self.output_dir / f"{self.stem(data)}_{self.output_postfix}")
+        (self.png if is_png else self.nifti)(data[key], filename=name)
+        return name + (".png" if is_png else ".nii.gz")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            self.write(d, key)
+        return d
+
+
 # A SaveImaged on purpose: MONAI Label drops SaveImaged from a bundle's postprocessing (it returns the result itself),
 # so a MONAI Label server does not also write these files; `monai.bundle run inference` and `infer-pacs` keep it.
 class SaveOutputsd(SaveImaged):
@@ -278,23 +345,17 @@ class SaveOutputsd(SaveImaged):
             prob_key, output_dir, "prob", ref_key=image_key, id_key=id_key, probability=True
         )
 
-    def _name(self, d: Mapping[Hashable, Any]) -> str:
-        source = _source_of(d[self.image_key])
-        return self.save_mask._stem(d, str(source[0] if isinstance(source, (list, tuple)) and source else source))
-
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         files: dict[str, str] = dict(d.get("output_files") or {})
         for key in self.key_iterator(d):
-            name = self._name(d)
+            name = self.save_mask.stem(d)
             if "mask" in self.formats:
-                self.save_mask(d)
-                files["mask"] = self.save_mask.last_path
+                files["mask"] = self.save_mask.write(d, key)
             if "probability" in self.formats:
                 if self.prob_key not in d:
                     raise KeyError(f"probability output asked for, but the sample has no '{self.prob_key}' key")
-                self.save_prob(d)
-                files["probability"] = self.save_prob.last_path
+                files["probability"] = self.save_prob.write(d, self.prob_key)
             mask = _to_numpy(d[key])[0] > 0.5  # X×Y
             if "overlay" in self.formats:
                 files["overlay"] = self._overlay(d, mask, name)
@@ -374,6 +435,12 @@ def _source_of(image: Any) -> Any:
     if isinstance(source, (list, tuple)) and len(source) == 1:
         return source[0]
     return source
+
+
+def _source_file(image: Any) -> str:
+    """The file an image was loaded from; the first one of a series given as a list of files."""
+    source = _source_of(image)
+    return str(source[0] if isinstance(source, (list, tuple)) and source else source)
 
 
 def _to_numpy(x: Any) -> np.ndarray:

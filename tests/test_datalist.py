@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,6 +71,22 @@ def test_folder_layout_without_split_is_split_by_seed(tmp_path):
     entry = json.loads(out.read_text())["training"][0]
     assert entry["image"].startswith("images/")  # relative to the datalist's folder
 
+
+
+def test_folder_layout_finds_images_in_every_format_the_readers_load(tmp_path):
+    """A .dicom image was not looked for (the inline suffix list had .dcm only) and the entry failed."""
+    from test_dicom import make_dx
+
+    root = _folder_set(tmp_path / "d")
+    for i, suffix in ((1, ".tif"), (2, ".bmp")):
+        (root / "images" / f"c{i}.png").unlink()
+        _png(root / "images" / f"c{i}{suffix}", np.full((16, 16), 100 + i))
+    (root / "images" / "c3.png").unlink()
+    make_dx(root / "images" / "c3.dicom", np.full((16, 16), 3000))
+    entries = {e["id"]: e for s in build_datalist("folder", root, val_fraction=0.0, test_fraction=0.0).splits.values()
+               for e in s}
+    assert sorted(entries) == ["c0", "c1", "c2", "c3"]
+    assert [Path(entries[f"c{i}"]["image"]).suffix for i in range(4)] == [".png", ".tif", ".bmp", ".dicom"]
 
 @pytest.mark.parametrize(
     "breakage, message",

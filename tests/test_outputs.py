@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import config
 from monai.bundle import ConfigParser
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImage, LoadImaged
 from pydicom.data import get_testdata_file
 from test_dicom import make_ct_series, make_dx
 
 from scripts.dicom import DicomImageReader
 from scripts.inferers import ReportInferer
-from scripts.outputs import contour, dicom_segmentation, dicom_sources, overlay_image
+from scripts.outputs import SaveOutputsd, contour, dicom_segmentation, dicom_sources, overlay_image
 from scripts.transforms import SelectSlabd
 
 
@@ -155,3 +155,35 @@ def test_report_inferer_adds_its_report_only_when_the_caller_brings_none():
     own = torch.ones(2, 24, dtype=torch.long)
     ReportInferer("left lower lung opacity.")(image, net, text_ids=own, text_mask=own)
     assert net.text_ids is own  # the sample's own report (the bundle's workflows) wins
+
+
+@pytest.mark.parametrize(
+    "file_name, entry_id, mask_name, prob_name",
+    [
+        ("case_7.png", None, "case_7_seg.png", "case_7_prob.png"),
+        ("case_7.nii.gz", None, "case_7_seg.nii.gz", "case_7_prob.nii.gz"),
+        ("IM0001.nii.gz", "1.2.840.99", "1.2.840.99_seg.nii.gz", "1.2.840.99_prob.nii.gz"),  # named by its id
+    ],
+)
+def test_mask_and_probability_are_written_like_the_input_and_their_paths_returned(
+    tmp_path, file_name, entry_id, mask_name, prob_name
+):
+    import nibabel as nib
+    from PIL import Image
+
+    source = tmp_path / file_name
+    if file_name.endswith(".png"):
+        Image.fromarray(np.zeros((10, 12), np.uint8)).save(source)
+    else:
+        nib.save(nib.Nifti1Image(np.zeros((12, 10), np.float32), np.eye(4)), source)
+    image = Compose([LoadImaged("image"), EnsureChannelFirstd("image")])({"image": str(source)})["image"]
+    pred = image.clone()  # on the input's grid, as Invertd leaves it
+    pred[:] = 0
+    pred[0, 2:5, 3:6] = 1
+    sample = {"image": image, "pred": pred, "prob": pred * 0.8, **({"id": entry_id} if entry_id else {})}
+    out = tmp_path / "out"
+    files = SaveOutputsd("pred", out, formats=("mask", "probability"))(sample)["output_files"]
+    assert files == {"mask": str(out / mask_name), "probability": str(out / prob_name)}
+    scale = 255 if mask_name.endswith(".png") else 1  # PNG masks are 0/255
+    written = LoadImage(image_only=True, ensure_channel_first=True)(files["mask"])
+    np.testing.assert_array_equal(np.asarray(written), pred.numpy() * scale)

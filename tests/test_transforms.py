@@ -1,5 +1,7 @@
 import pytest
 import torch
+from conftest import config
+from monai.bundle import ConfigParser
 from monai.data import list_data_collate
 
 from scripts.transforms import TokenizeReport, TokenizeReportd
@@ -7,7 +9,7 @@ from scripts.transforms import TokenizeReport, TokenizeReportd
 
 @pytest.fixture(scope="module")
 def tokenize():
-    return TokenizeReportd(keys="report", max_length=24)
+    return TokenizeReportd(keys="report", tokenizer=TokenizeReport(max_length=24))
 
 
 def test_tokens_are_fixed_length_and_masked(tokenize):
@@ -107,3 +109,53 @@ def test_channels_follow_the_network():
     assert d["image"].shape[0] == 3 and d["label"].shape[0] == 1
     with pytest.raises(ValueError, match="2-channel"):
         ToChannels(1)(torch.rand(2, 4, 4))
+
+
+# without NFKC, full-width letters and ligatures are unknown to MiniLM's vocabulary: the option changes the ids
+UNNORMALISED = "Ｌｅｆｔ lower lung, ﬁbrosis."
+
+
+def _parser(name: str, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(config(name))
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def _one(transforms, kind):
+    (found,) = [t for t in transforms if isinstance(t, kind)]
+    return found
+
+
+class _Recorder(torch.nn.Module):
+    def forward(self, image, text_ids=None, text_mask=None):
+        self.text_ids = text_ids
+        return image
+
+
+def test_a_report_typed_in_monai_label_gets_the_ids_the_same_report_in_a_datalist_gets():
+    """ReportInferer built its own tokenizer and ignored lowercase/unicode_form: a report typed in MONAI Label's
+    client reached the network as other ids than the same report in a datalist."""
+    parser = _parser("inference.yaml", **{"tokenizer#unicode_form": None, "displayable_configs#report": UNNORMALISED})
+    tokenize = _one(parser.get_parsed_content("preprocessing").transforms, TokenizeReportd)
+    inferer, net = parser.get_parsed_content("inferer"), _Recorder()
+    assert inferer.tokenize is tokenize.tokenize is parser.get_parsed_content("tokenizer")
+    inferer(torch.zeros(1, 1, 8, 8), net)
+    from_datalist = tokenize({"image": "a.png", "report": UNNORMALISED})["report_ids"]
+    assert torch.equal(net.text_ids[0], from_datalist)
+    assert not torch.equal(from_datalist, TokenizeReport()(UNNORMALISED)[0])  # the option did reach both
+
+
+def test_a_side_flip_retokenises_with_the_tokenizer_of_the_preprocessing():
+    """The flip also swaps the sides of the text as it is tokenised: a full-width "Ｌｅｆｔ" (NFKC: "left") was left
+    unswapped, so a flipped image kept the tokens of "left"."""
+    from scripts.transforms import RandSideFlipd
+
+    parser = _parser("train.yaml", side_flip_prob=1.0)
+    tokenize = _one(parser.get_parsed_content("train#deterministic_transforms"), TokenizeReportd)
+    flip = _one(parser.get_parsed_content("train#random_transforms"), RandSideFlipd)
+    assert flip.tokenize is tokenize.tokenize is parser.get_parsed_content("tokenizer")
+    flipped = flip(tokenize({"report": "Ｌｅｆｔ lower lung."}))
+    assert flipped["report"] == "Right lower lung."
+    assert torch.equal(flipped["report_ids"], tokenize({"report": "right lower lung."})["report_ids"])

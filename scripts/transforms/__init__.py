@@ -1,0 +1,25 @@
+"""The bundle's transforms, one module per job; the configs name them as ``scripts.transforms.<Name>``.
+
+- ``report``: report text → tokens, report dropout, the side-aware flip.
+- ``geometry``: the image's channel count, a 2D slice or slab from a volume.
+- ``zones``: the raster of the lung zones a report names.
+
+Writing outputs is not here: ``scripts.outputs``.
+"""
+
+from scripts.transforms.geometry import SelectSlab, SelectSlabd, ToChannels, ToChannelsd
+from scripts.transforms.report import RandDropReportd, RandSideFlipd, TokenizeReport, TokenizeReportd, swap_sides
+from scripts.transforms.zones import ReportZonesd
+
+__all__ = [
+    "TokenizeReport",
+    "TokenizeReportd",
+    "RandDropReportd",
+    "RandSideFlipd",
+    "swap_sides",
+    "ReportZonesd",
+    "ToChannels",
+    "ToChannelsd",
+    "SelectSlab",
+    "SelectSlabd",
+]

@@ -1,0 +1,244 @@
+"""Report-text transforms: tokenisation, report dropout and the side-aware flip (array/dictionary pairs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import unicodedata
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import Flipd, MapTransform, RandomizableTransform, Transform
+
+from scripts.text import resolve_text_encoder_dir
+
+__all__ = ["TokenizeReport", "TokenizeReportd", "RandDropReportd", "RandSideFlipd", "swap_sides"]
+
+logger = logging.getLogger(__name__)
+
+
+class TokenizeReport(Transform):
+    """Report text → fixed-length token ids and attention mask, with the configured encoder's fast tokenizer.
+
+    Each distinct text is tokenised once and cached: clinical reports repeat (QaTa-COV19 has ~150 distinct
+    reports for 5,713 images). An empty report gives all-padding ids and an all-zero mask, which the networks
+    read as "no report".
+
+    Args:
+        tokenizer_dir: local Hugging Face model directory; None uses the bundled MiniLM.
+        max_length: tokens per report after padding/truncation (24, the setting of the published methods).
+        lowercase: lower-case the text first (uncased tokenizers such as MiniLM's do it anyway).
+        unicode_form: Unicode normalisation applied first (``"NFKC"`` folds full-width letters, ligatures and
+            non-breaking spaces); None keeps the text as it is. Runs of white space always become one space.
+    """
+
+    def __init__(
+        self,
+        tokenizer_dir: str | os.PathLike | None = None,
+        max_length: int = 24,
+        lowercase: bool = False,
+        unicode_form: str | None = "NFKC",
+    ) -> None:
+        self.tokenizer_dir = resolve_text_encoder_dir(tokenizer_dir)
+        self.max_length = int(max_length)
+        self.lowercase = lowercase
+        self.unicode_form = unicode_form
+        self._tokenizer = None  # loaded on first use, so the transform pickles cheaply into workers
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _tok(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir, use_fast=True)
+        return self._tokenizer
+
+    def normalise(self, text: str) -> str:
+        """The text as it is tokenised: Unicode-normalised, white space collapsed, optionally lower-cased."""
+        if self.unicode_form:
+            text = unicodedata.normalize(self.unicode_form, text)
+        text = " ".join(text.split())
+        return text.lower() if self.lowercase else text
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokenizer": None}
+
+    def __call__(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(ids, mask)``, both int64 tensors of length ``max_length``."""
+        text = self.normalise(text)
+        if text not in self._cache:
+            if text:
+                enc = self._tok()(
+                    text, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+                )
+                ids, mask = enc["input_ids"][0], enc["attention_mask"][0]
+            else:
+                pad = self._tok().pad_token_id or 0
+                ids = torch.full((self.max_length,), pad, dtype=torch.long)
+                mask = torch.zeros(self.max_length, dtype=torch.long)
+            self._cache[text] = (ids, mask)
+        ids, mask = self._cache[text]
+        return ids.clone(), mask.clone()
+
+
+class TokenizeReportd(MapTransform):
+    """Dictionary wrapper of :class:`TokenizeReport`: writes ``<key>_ids`` and ``<key>_mask``.
+
+    Args:
+        keys: the report text key(s), usually ``"report"``.
+        tokenizer: the tokenizer; the configs give every component the same one (``@tokenizer``), so reports are
+            tokenised alike at load time, after a side flip and in MONAI Label. None: ``TokenizeReport()``.
+        allow_missing_report: when True, a missing, None or empty report becomes "no report" (inference,
+            MONAI Label); when False it raises an error naming the sample's image (training and evaluation data
+            must carry their reports).
+        absent_report_image_only: when True (and ``allow_missing_report`` is False), a sample with no report key
+            at all becomes "no report", an image-only sample, with a warning naming it (MONAI Label trains from
+            image + label datalists). A report that is present but None or empty is still an error.
+        ids_suffix, mask_suffix: suffixes of the output keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "report",
+        tokenizer: TokenizeReport | None = None,
+        allow_missing_report: bool = False,
+        ids_suffix: str = "_ids",
+        mask_suffix: str = "_mask",
+        absent_report_image_only: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.tokenize = tokenizer if tokenizer is not None else TokenizeReport()
+        self.allow_missing_report = allow_missing_report
+        self.absent_report_image_only = absent_report_image_only
+        self.ids_suffix, self.mask_suffix = ids_suffix, mask_suffix
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.keys:
+            text = d.get(key)
+            if key not in d and self.absent_report_image_only and not self.allow_missing_report:
+                logger.warning("sample %s has no '%s' key: an image-only sample", _sample_name(d), key)
+                text = ""
+            elif text is None or (isinstance(text, str) and not text.strip()):
+                if not self.allow_missing_report:
+                    state = "missing" if text is None else "empty"
+                    raise ValueError(f"report '{key}' is {state} for sample {_sample_name(d)}")
+                text = ""
+            if not isinstance(text, str):
+                raise TypeError(f"report '{key}' of sample {_sample_name(d)} is {type(text).__name__}, not text")
+            d[key] = text  # keep the key, so batches of reported and unreported samples collate
+            d[f"{key}{self.ids_suffix}"], d[f"{key}{self.mask_suffix}"] = self.tokenize(text)
+        return d
+
+
+class RandDropReportd(RandomizableTransform, MapTransform):
+    """Report dropout: with probability ``prob`` the sample becomes report-free (text ``""``, all-zero mask).
+
+    Trains the networks' "no report" path, which image-only inference (MONAI Label, PACS exports without
+    reports) relies on. Place it after :class:`TokenizeReportd` (whose output is cached) among the random
+    transforms.
+
+    Args:
+        keys: the report text key(s) given to :class:`TokenizeReportd`.
+        prob: probability of dropping the report of a sample.
+        ids_suffix, mask_suffix: as in :class:`TokenizeReportd`.
+        pad_id: token id written over the dropped ids.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "report",
+        prob: float = 0.1,
+        ids_suffix: str = "_ids",
+        mask_suffix: str = "_mask",
+        pad_id: int = 0,
+    ) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.ids_suffix, self.mask_suffix, self.pad_id = ids_suffix, mask_suffix, pad_id
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = ""
+            d[f"{key}{self.ids_suffix}"] = torch.full_like(torch.as_tensor(d[f"{key}{self.ids_suffix}"]), self.pad_id)
+            d[f"{key}{self.mask_suffix}"] = torch.zeros_like(torch.as_tensor(d[f"{key}{self.mask_suffix}"]))
+        return d
+
+
+_SIDES = {"left": "right", "right": "left", "lt": "rt", "rt": "lt", "leftward": "rightward", "rightward": "leftward"}
+_SIDE_RE = re.compile(r"\b(" + "|".join(_SIDES) + r")\b", re.IGNORECASE)
+
+
+def swap_sides(text: str) -> str:
+    """``text`` with "left" and "right" (and "lt"/"rt", "leftward"/"rightward") exchanged, case kept."""
+
+    def swap(m: re.Match) -> str:
+        word, other = m.group(0), _SIDES[m.group(0).lower()]
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    return _SIDE_RE.sub(swap, text)
+
+
+class RandSideFlipd(RandomizableTransform, MapTransform):
+    """Side-aware horizontal flip: flips image and mask left↔right and swaps the sides named in the report.
+
+    A plain flip (as LViT and RecLMIS train with) turns "left lower lung" into a lie. The report is re-tokenised
+    after the swap, with the tokenizer :class:`TokenizeReportd` used (it caches each distinct text, so this is
+    cheap).
+
+    Args:
+        keys: image and mask keys to flip.
+        report_key: the report text key; its ``_ids``/``_mask`` tokens are rewritten.
+        prob: flip probability.
+        spatial_axis: the image's left–right axis. 0 for images read by MONAI's readers (the first spatial axis
+            is the column, x), which is every format this bundle loads.
+        tokenizer: the tokenizer given to :class:`TokenizeReportd` (``@tokenizer`` in the configs); None:
+            ``TokenizeReport()``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        report_key: str = "report",
+        prob: float = 0.5,
+        spatial_axis: int = 0,
+        tokenizer: TokenizeReport | None = None,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys=True)
+        RandomizableTransform.__init__(self, prob)
+        self.flip = Flipd(keys, spatial_axis=spatial_axis, allow_missing_keys=True)
+        self.report_key = report_key
+        self.tokenize = tokenizer if tokenizer is not None else TokenizeReport()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        self.randomize(None)
+        d = dict(data)
+        if not self._do_transform:
+            return d
+        d = dict(self.flip(d))
+        text = d.get(self.report_key)
+        if isinstance(text, str) and text.strip():
+            # swapped in the form it is tokenised in: NFKC turns a full-width "Ｌｅｆｔ" into "left", which the swap
+            # must see too
+            d[self.report_key] = swap_sides(self.tokenize.normalise(text))
+            ids, mask = self.tokenize(d[self.report_key])
+            d[f"{self.report_key}_ids"], d[f"{self.report_key}_mask"] = ids, mask
+        return d
+
+
+def _sample_name(d: Mapping) -> str:
+    for key in ("id", "image"):
+        value = d.get(key)
+        if isinstance(value, (str, os.PathLike)):
+            return str(value)
+        meta = getattr(value, "meta", None)
+        if meta and "filename_or_obj" in meta:
+            return str(meta["filename_or_obj"])
+    return "<unnamed>"
