@@ -39,6 +39,28 @@ def config(name: str) -> str:
     return str(BUNDLE_ROOT / "configs" / name)
 
 
+# reports of the network tests: a repeated one (equal reports are positives of each other, never negatives) and
+# named zones; a test module may set its own REPORTS, which the `tokens` fixture then reads
+REPORTS = ["lower left lung.", "upper right lung.", "lower left lung.", "all left lung and middle right lung."]
+
+
+@pytest.fixture(scope="module")
+def tokens(request):
+    """Token ids and attention masks (B×L each) of the test module's ``REPORTS`` (or conftest's)."""
+    return tokenize_reports(getattr(request.module, "REPORTS", REPORTS))
+
+
+def lesion_masks(b: int, size: int | tuple[int, int] = 64):
+    """B×1×H×W binary masks with one 20×20 lesion each, shifted by 8 rows per sample (distinct targets)."""
+    import torch
+
+    h, w = (size, size) if isinstance(size, int) else size
+    y = torch.zeros(b, 1, h, w)
+    for i in range(b):
+        y[i, :, 8 * i : 8 * i + 20, 10:30] = 1
+    return y
+
+
 def tokenize_reports(reports: list[str], max_length: int = 24):
     """Token ids and attention masks (B×L each) of ``reports``, as the configs' ``TokenizeReportd`` gives them."""
     import torch

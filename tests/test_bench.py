@@ -26,6 +26,7 @@ def test_data_bench_measures_the_three_regimes_of_the_train_config(demo_dir):
     assert all(r["samples"] == timed and r["samples_per_s"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_bench_data_command_prints_the_table(demo_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "bundle", "bench", "data", "--datalist", str(demo_dir / "datalist.json"),
@@ -81,6 +82,7 @@ def test_the_step_is_the_trainer_s_own_iteration_on_each_path(monkeypatch):
     assert fast["step_gflops"] < base["step_gflops"] and fast["gflops"] == pytest.approx(base["gflops"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_bench_model_command_prints_one_row_per_network_and_path(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(

@@ -35,6 +35,7 @@ def _runs(root):
     return client, client.search_runs([experiment.experiment_id])
 
 
+@pytest.mark.slow
 def test_run_training_with_tracking_logs_one_complete_mlflow_run(tmp_path, demo_dir):
     _run([
         sys.executable, "-m", "monai.bundle", "run", "training", "--meta_file", "configs/metadata.json",
@@ -58,6 +59,7 @@ def test_run_training_with_tracking_logs_one_complete_mlflow_run(tmp_path, demo_
     assert any(a.startswith("config_") and a.endswith(".json") for a in artifacts)  # the executed config
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_gloo(tmp_path, demo_dir):
     _run([
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",

@@ -10,7 +10,7 @@ from monai.bundle import ConfigParser
 SHARED = [
     "network_def", "spatial_size", "max_report_tokens", "text_encoder_dir", "image_encoder_size", "image_encoder_dir",
     "report_left_is_image_left", "volume_slice", "volume_slab_thickness", "precision", "compute_dtype",
-    "channels_last", "memory_format",
+    "channels_last", "memory_format", "tokenizer",
 ]
 
 

@@ -27,6 +27,7 @@ def small_qata(tmp_path_factory):
     return qata
 
 
+@pytest.mark.slow
 def test_device_check_script_runs_on_cpu_and_prints_its_figures(small_qata, tmp_path):
     env = {**os.environ, "QATA_DIR": str(small_qata), "OUT": str(tmp_path), "PYTHON": sys.executable,
            "DEVICE": "cpu", "BATCH": "2", "ENCODER": "cpu", "SIZE": "64", "WARMUP": "1"}

@@ -58,6 +58,7 @@ def test_torchscript_export_reproduces_pytorch(case, tmp_path, capsys):
         assert (ts(*other) - net(*other)).abs().max() <= TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bool(ONNX_MISSING), reason=f"optional {ONNX_MISSING} missing: pip install {ONNX_REQUIREMENTS}")
 def test_onnx_export_reproduces_pytorch_in_onnxruntime(case, tmp_path):
     import onnx

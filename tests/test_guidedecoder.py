@@ -3,17 +3,10 @@
 import pytest
 import torch
 
-from conftest import tokenize_reports
 from scripts.losses import DiceBCELoss
 from scripts.networks import TMCA, GuideDecoder
 
-
 REPORTS = ["lower left lung.", "all right lung.", "upper left lung and lower right lung."]
-
-
-@pytest.fixture(scope="module")
-def tokens():
-    return tokenize_reports(REPORTS)
 
 
 @pytest.fixture(scope="module")

@@ -3,33 +3,20 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import lesion_masks
 
-from conftest import tokenize_reports
 from scripts.losses.segmentation import DiceBCELoss
 from scripts.networks.blocks import PixelLevelAttention
 from scripts.networks.lvit import LViTStyle, TextToPatches, ViTBranch, add_upsampled
-
 
 REPORTS = ["lower left lung.", "upper right lung.", "Bilateral pulmonary infection, two infected areas, all left lung.",
            "middle right lung."]
 
 
 @pytest.fixture(scope="module")
-def tokens():
-    return tokenize_reports(REPORTS)
-
-
-@pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
     return LViTStyle()
-
-
-def _masks(b: int, size=(64, 64)) -> torch.Tensor:
-    y = torch.zeros(b, 1, *size)
-    for i in range(b):
-        y[i, :, 8 * i : 8 * i + 20, 10:30] = 1
-    return y
 
 
 @pytest.mark.parametrize("size", [(64, 64), (64, 96)])
@@ -55,7 +42,7 @@ def test_lvit_layout_runs_at_full_resolution(tokens):
 
 def test_loss_terms_are_lvits_half_dice_half_bce(net, tokens):
     net.train()
-    terms = DiceBCELoss(0.5, 0.5)(net(torch.rand(4, 1, 64, 64), *tokens), _masks(4))
+    terms = DiceBCELoss(0.5, 0.5)(net(torch.rand(4, 1, 64, 64), *tokens), lesion_masks(4))
     assert set(terms) == {"loss", "loss_dice", "loss_bce"}
     for name, value in terms.items():
         assert torch.isfinite(value) and value > 0, name
@@ -63,9 +50,8 @@ def test_loss_terms_are_lvits_half_dice_half_bce(net, tokens):
 
 
 def test_config_uses_half_dice_half_bce_and_lvitstyle():
-    from monai.bundle import ConfigParser
-
     from conftest import config
+    from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config([config("train.yaml"), config("networks/lvit.yaml")])
@@ -79,7 +65,7 @@ def test_gradients_reach_every_trainable_part(tokens):
     net = LViTStyle(text_trainable_layers=1).train()
     ids, mask = (t.clone() for t in tokens)
     mask[3] = 0  # one sample without a report: the "no report" token is trained too
-    DiceBCELoss(0.5, 0.5)(net(torch.rand(4, 1, 64, 64), ids, mask), _masks(4))["loss"].backward()
+    DiceBCELoss(0.5, 0.5)(net(torch.rand(4, 1, 64, 64), ids, mask), lesion_masks(4))["loss"].backward()
     for name, p in net.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -114,7 +100,7 @@ def test_no_report_path(net, tokens):
     net.train()
     out = net(x, ids, mask)
     assert torch.isfinite(out).all()
-    DiceBCELoss(0.5, 0.5)(net(x), _masks(4))["loss"].backward()  # text_ids=None trains too
+    DiceBCELoss(0.5, 0.5)(net(x), lesion_masks(4))["loss"].backward()  # text_ids=None trains too
 
 
 def test_padding_tokens_have_no_influence_and_long_reports_are_cut(net, tokens):

@@ -45,3 +45,24 @@ def test_image_only_variant_has_no_text_parameters(cls):
     assert not any("text" in n or "guide" in n for n, _ in net.named_parameters())
     with torch.no_grad():
         assert net(torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_no_network_imports_a_sibling_network_other_than_its_base():
+    """Shared pieces live one layer down (blocks, lvit_unet, transport, the encoders); RecLMIS and SSA once
+    imported TMCA for a helper."""
+    import ast
+    from pathlib import Path
+
+    import scripts.networks
+
+    folder = Path(scripts.networks.__file__).parent
+    networks = {"guidedecoder", "tmca", "ssa", "lvit", "reclmis"}
+    bases = {"tmca": {"guidedecoder"}, "ssa": {"guidedecoder"}}
+    for name in sorted(networks):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        imported = {
+            node.module.rsplit(".", 1)[-1]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("scripts.networks.")
+        }
+        assert imported & networks <= bases.get(name, set()), f"{name}.py imports {imported & networks}"

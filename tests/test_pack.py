@@ -76,6 +76,7 @@ def test_pack_refuses_missing_or_oversized_weights(tmp_path):
         pack(tmp_path, tmp_path / "dist")
 
 
+@pytest.mark.slow
 def test_pack_then_download_then_run_inference_from_the_unpacked_bundle(tmp_path):
     """The zip's members, `monai.bundle.download(url="file://...")` into a fresh folder, and
     `python -m monai.bundle run inference` from there with only the unpacked folder on PYTHONPATH."""

@@ -12,6 +12,7 @@ from conftest import BUNDLE_ROOT, SHARED_DATA
 from bundle.results import COLUMNS
 
 
+@pytest.mark.slow
 def test_one_row_trains_evaluates_and_is_not_trained_twice(tmp_path):
     src = SHARED_DATA / "qata"
     if not src.is_dir():

@@ -5,27 +5,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import lesion_masks
 
-from conftest import tokenize_reports
-from scripts.losses.reclmis import RecLMISLoss, token_contrastive_loss, token_max_similarity
-from scripts.networks.reclmis import RecLMIS, RecLMISOutput, ReconstructionDecoder, importance_mask
+from scripts.losses.reclmis import (
+    RecLMISLoss,
+    token_contrastive_loss,
+    token_max_similarity,
+)
+from scripts.networks.reclmis import (
+    RecLMIS,
+    RecLMISOutput,
+    ReconstructionDecoder,
+    importance_mask,
+)
 
-
-REPORTS = ["lower left lung.", "upper right lung.", "lower left lung.", "all left lung and middle right lung."]
 TERMS = {"loss", "loss_dice", "loss_bce", "loss_contrastive", "loss_rec_image", "loss_rec_text"}
 AUX = ("image_importance", "text_importance", "rec_image", "rec_text")
-
-
-@pytest.fixture(scope="module")
-def tokens():
-    return tokenize_reports(REPORTS)
-
-
-def _masks(b: int, size: int = 64) -> torch.Tensor:
-    y = torch.zeros(b, 1, size, size)
-    for i in range(b):
-        y[i, :, 8 * i : 8 * i + 20, 10:30] = 1
-    return y
 
 
 def _grad(module: torch.nn.Module) -> float:
@@ -77,7 +72,7 @@ def _masks_rect(b: int) -> torch.Tensor:
 
 
 def test_plain_logits_give_the_weighted_segmentation_terms_only():
-    logits, y = torch.randn(2, 1, 32, 32), _masks(2, 32)
+    logits, y = torch.randn(2, 1, 32, 32), lesion_masks(2, 32)
     terms = RecLMISLoss()(logits, y)
     assert set(terms) == {"loss", "loss_dice", "loss_bce"}
     torch.testing.assert_close(terms["loss"], 2.5 * terms["loss_dice"] + 2.5 * terms["loss_bce"])
@@ -87,7 +82,7 @@ def test_plain_logits_give_the_weighted_segmentation_terms_only():
 def test_gradients_reach_every_trainable_part(tokens):
     torch.manual_seed(0)
     net = RecLMIS(text_trainable_layers=1).train()
-    RecLMISLoss()(net(torch.rand(4, 1, 64, 64), *tokens), _masks(4))["loss"].backward()
+    RecLMISLoss()(net(torch.rand(4, 1, 64, 64), *tokens), lesion_masks(4))["loss"].backward()
     for name, child in net.named_children():
         if name != "text_encoder":
             assert _grad(child) > 0, name
@@ -194,10 +189,10 @@ def test_samples_without_report_take_no_part_and_all_zero_row_means_no_report(to
     out = net(torch.rand(4, 1, 64, 64), ids, mask)
     assert out["text_present"].tolist() == [True, False, True, True]
     loss = RecLMISLoss()
-    full = loss(out, _masks(4))
+    full = loss(out, lesion_masks(4))
     keep = torch.tensor([0, 2, 3])
     subset = {k: v[keep] if isinstance(v, torch.Tensor) else v for k, v in out.items()}
-    without = loss(subset, _masks(4)[keep])
+    without = loss(subset, lesion_masks(4)[keep])
     for name in ("loss_contrastive", "loss_rec_image", "loss_rec_text"):
         torch.testing.assert_close(full[name], without[name])
     full["loss"].backward()
@@ -217,7 +212,7 @@ def test_no_report_batch_gives_graph_connected_zero_terms(tokens):
         net.zero_grad()
         out = net(torch.rand(2, 1, 64, 64), *text)
         assert not out["text_present"].any()
-        terms = RecLMISLoss()(out, _masks(2))
+        terms = RecLMISLoss()(out, lesion_masks(2))
         for name in ("loss_contrastive", "loss_rec_image", "loss_rec_text"):
             assert terms[name] == 0 and terms[name].requires_grad, name
         terms["loss"].backward()

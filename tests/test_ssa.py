@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, tokenize_reports
+from conftest import SHARED_DATA, lesion_masks, tokenize_reports
 from PIL import Image
 
 from scripts.losses.ssa import SSALoss, ot_alignment_loss, outside_zones_loss
@@ -20,21 +20,9 @@ TERMS = {"loss", "loss_dice", "loss_bce", "loss_ot", "loss_ot_i2t", "loss_ot_t2i
 
 
 @pytest.fixture(scope="module")
-def tokens():
-    return tokenize_reports(REPORTS)
-
-
-@pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
     return SSA()
-
-
-def _masks(b: int, size=(64, 64)) -> torch.Tensor:
-    y = torch.zeros(b, 1, *size)
-    for i in range(b):
-        y[i, :, 8 * i : 8 * i + 20, 10:30] = 1
-    return y
 
 
 @pytest.mark.parametrize("size", [(64, 64), (64, 96)])
@@ -60,7 +48,7 @@ def test_training_output_plan_and_every_loss_term(net, tokens):
     assert plan.shape == (4, 24, 24) and plan.dtype == torch.float32
     torch.testing.assert_close(plan.sum(2), torch.full((4, 24), 1 / 24), atol=1e-5, rtol=0)
     torch.testing.assert_close(plan.sum(1), text_mask.float() / text_mask.sum(1, keepdim=True), atol=1e-5, rtol=0)
-    terms = SSALoss()(out, _masks(4, (64, 96)))
+    terms = SSALoss()(out, lesion_masks(4, (64, 96)))
     assert set(terms) == TERMS
     for name, value in terms.items():
         assert torch.isfinite(value) and value > 0, name
@@ -71,7 +59,7 @@ def test_training_output_plan_and_every_loss_term(net, tokens):
 def test_gradients_reach_every_trainable_part(tokens):
     torch.manual_seed(0)
     model = SSA(text_trainable_layers=1).train()
-    SSALoss()(model(torch.rand(4, 1, 64, 64), *tokens), _masks(4))["loss"].backward()
+    SSALoss()(model(torch.rand(4, 1, 64, 64), *tokens), lesion_masks(4))["loss"].backward()
     missing = [n for n, p in model.named_parameters()
                if p.requires_grad and not n.startswith("text_encoder.") and (p.grad is None or not p.grad.any())]
     assert missing == []
@@ -86,7 +74,7 @@ def test_no_report_paths(net, tokens):
     net.train()
     out = net(torch.rand(2, 1, 64, 64))
     assert not out["text_present"].any() and "ot_plan" not in out and "guidance" not in out
-    terms = SSALoss()(out, _masks(2))
+    terms = SSALoss()(out, lesion_masks(2))
     assert set(terms) == TERMS and terms["loss_ot"] == 0 and terms["loss_outside"] == 0 and terms["loss_dice"] > 0
     # an all-zero mask row in a batch with reports: that sample is segmented exactly as without any text
     ids, mask = tokens[0].clone(), tokens[1].clone()
@@ -99,7 +87,7 @@ def test_no_report_paths(net, tokens):
     torch.testing.assert_close(mixed[1], alone[1], atol=1e-5, rtol=1e-4)
     assert (mixed[0] - alone[0]).abs().max() > 1e-3  # while the report of sample 0 changes its mask
     net.train()
-    terms = SSALoss()(net(image, ids, mask), _masks(4))
+    terms = SSALoss()(net(image, ids, mask), lesion_masks(4))
     assert all(torch.isfinite(v) for v in terms.values())
 
 
@@ -219,7 +207,7 @@ def test_each_switch_removes_its_part(tokens, switch, gone, keys):
     assert not any(n.startswith(gone) for n, _ in model.named_parameters())
     out = model(torch.rand(4, 1, 64, 64), *tokens)
     assert keys not in out
-    terms = SSALoss()(out, _masks(4))
+    terms = SSALoss()(out, lesion_masks(4))
     assert set(terms) == TERMS
     assert (terms["loss_ot"] if "align" in gone else terms["loss_outside"]) == 0
     terms["loss"].backward()
@@ -229,7 +217,7 @@ def test_each_switch_removes_its_part(tokens, switch, gone, keys):
 
 
 def test_loss_on_plain_logits_is_dice_and_bce():
-    terms = SSALoss()(torch.randn(2, 1, 16, 16), _masks(2, (16, 16)))
+    terms = SSALoss()(torch.randn(2, 1, 16, 16), lesion_masks(2, (16, 16)))
     assert set(terms) == {"loss", "loss_dice", "loss_bce"}
 
 

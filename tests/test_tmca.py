@@ -6,28 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import lesion_masks
 from PIL import Image
 
-from conftest import tokenize_reports
 from scripts.losses import TMCALoss, alignment_loss
 from scripts.networks import TMCA
 from scripts.networks.blocks import report_groups
 from scripts.transforms import RandDropReportd, TokenizeReport
-
-
-REPORTS = ["lower left lung.", "upper right lung.", "lower left lung.", "all left lung and middle right lung."]
-
-
-@pytest.fixture(scope="module")
-def tokens():
-    return tokenize_reports(REPORTS)
-
-
-def _masks(b: int, size: int = 64) -> torch.Tensor:
-    y = torch.zeros(b, 1, size, size)
-    for i in range(b):
-        y[i, :, 8 * i : 8 * i + 20, 10:30] = 1
-    return y
 
 
 @pytest.mark.parametrize("size", [(224, 224), (256, 192)])
@@ -47,7 +32,7 @@ def test_training_output_and_every_loss_term(tokens):
     assert out["pred"].shape == (4, 1, 64, 64)
     assert out["align_strides"] == [4, 8, 16, 32] and len(out["target_maps"]) == 4
     assert out["text_group"].tolist()[0] == out["text_group"].tolist()[2] != out["text_group"].tolist()[1]
-    terms = TMCALoss()(out, _masks(4))
+    terms = TMCALoss()(out, lesion_masks(4))
     expected = {"loss", "loss_dice", "loss_bce", "loss_align", "loss_map"} | {f"loss_align_s{s}" for s in (4, 8, 16, 32)}
     assert set(terms) == expected
     for name, value in terms.items():
@@ -56,7 +41,7 @@ def test_training_output_and_every_loss_term(tokens):
 
 def test_gradients_reach_encoder_decoder_and_projections(tokens):
     net = TMCA(text_trainable_layers=1).train()
-    TMCALoss()(net(torch.rand(4, 1, 64, 64), *tokens), _masks(4))["loss"].backward()
+    TMCALoss()(net(torch.rand(4, 1, 64, 64), *tokens), lesion_masks(4))["loss"].backward()
 
     def grad(module):
         return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
@@ -72,7 +57,7 @@ def test_gradients_reach_encoder_decoder_and_projections(tokens):
 def test_same_report_samples_are_positives_never_negatives():
     torch.manual_seed(0)
     image, text = torch.randn(4, 16, 8, 8), torch.randn(4, 16)
-    mask = _masks(4, 32)
+    mask = lesion_masks(4, 32)
     present = torch.ones(4, dtype=torch.bool)
     same = torch.zeros(4, dtype=torch.long)
     i2t, t2i = alignment_loss(image, text, mask, same, present, temperature=0.1)
@@ -93,7 +78,7 @@ def test_same_report_samples_are_positives_never_negatives():
 
 def test_samples_without_report_or_lesion_take_no_part():
     image, text = torch.randn(3, 8, 4, 4), torch.randn(3, 8)
-    mask = _masks(3, 16)
+    mask = lesion_masks(3, 16)
     mask[2] = 0
     present = torch.tensor([True, False, True])
     full = alignment_loss(image, text, mask, torch.arange(3), present)
@@ -113,7 +98,7 @@ def test_no_report_path_runs_and_report_dropout_empties_tokens(tokens):
     net = TMCA().train()
     out = net(torch.rand(2, 1, 64, 64))
     assert not out["text_present"].any()
-    terms = TMCALoss()(out, _masks(2))
+    terms = TMCALoss()(out, lesion_masks(2))
     assert terms["loss_align"] == 0 and terms["loss_map"] > 0  # the maps still learn where the lesion is
     drop = RandDropReportd(keys="report", prob=1.0)
     d = drop({"report": "lower left lung.", "report_ids": tokens[0][0], "report_mask": tokens[1][0]})
@@ -142,7 +127,7 @@ def test_each_switch_removes_its_parameters(tokens, switch, gone):
     assert not any(n.startswith(gone) for n in names)
     reduced.train()
     out = reduced(torch.rand(4, 1, 64, 64), *tokens)
-    TMCALoss()(out, _masks(4))["loss"].backward()
+    TMCALoss()(out, lesion_masks(4))["loss"].backward()
     for n, p in reduced.named_parameters():
         if p.requires_grad and not n.startswith("text_encoder."):
             assert p.grad is not None, n
@@ -151,8 +136,8 @@ def test_each_switch_removes_its_parameters(tokens, switch, gone):
 def test_target_sensitive_switch_changes_the_alignment_objective(tokens):
     torch.manual_seed(0)
     out = TMCA().train()(torch.rand(4, 1, 64, 64), *tokens)
-    with_target = TMCALoss(target_sensitive=True)(out, _masks(4))
-    whole_image = TMCALoss(target_sensitive=False)(out, _masks(4))
+    with_target = TMCALoss(target_sensitive=True)(out, lesion_masks(4))
+    whole_image = TMCALoss(target_sensitive=False)(out, lesion_masks(4))
     assert not torch.isclose(with_target["loss_align"], whole_image["loss_align"])
 
 
@@ -192,7 +177,7 @@ def test_out_of_play_rows_leave_the_loss_and_its_gradient_as_if_removed():
     torch.manual_seed(1)
     image = torch.randn(5, 8, 4, 4, requires_grad=True)
     text = torch.randn(5, 8, requires_grad=True)
-    mask = _masks(5, 16)
+    mask = lesion_masks(5, 16)
     mask[3] = 0
     present = torch.tensor([True, True, False, True, True])
     group = torch.tensor([0, 1, 2, 3, 0])
