@@ -66,3 +66,38 @@ def test_no_network_imports_a_sibling_network_other_than_its_base():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("scripts.networks.")
         }
         assert imported & networks <= bases.get(name, set()), f"{name}.py imports {imported & networks}"
+
+
+def _keys(typed_dict) -> set[str]:
+    return set(typed_dict.__required_keys__) | set(typed_dict.__optional_keys__)
+
+
+def test_training_outputs_are_the_typed_dicts_the_losses_read(tokens):
+    from scripts.networks.blocks import TrainingOutput
+    from scripts.networks.ssa import SSAOutput
+    from scripts.networks.tmca import TMCAOutput
+
+    ids, mask = tokens
+    image = torch.rand(len(ids), 1, 64, 64)
+    for cls, typed in ((TMCA, TMCAOutput), (SSA, SSAOutput)):
+        out = cls().train()(image, ids, mask)
+        assert _keys(TrainingOutput) <= set(out) <= _keys(typed), (cls.__name__, set(out) ^ _keys(typed))
+        assert set(typed.__required_keys__) <= set(out)
+
+
+@pytest.mark.parametrize(
+    "build, off",
+    [
+        (lambda: GuideDecoder(use_text=False), ["text_encoder", "token_proj", "guides"]),
+        (lambda: TMCA(use_text=False), ["text_encoder", "token_proj", "guides", "enhancers", "align_image", "align_text"]),
+        (lambda: TMCA(alignment_levels=[], enhancement=False), ["enhancers", "align_image", "align_text"]),
+        (lambda: SSA(alignment=False, directional_guidance=False), ["align", "zone_guidance", "gates"]),
+    ],
+    ids=["guidedecoder_image_only", "tmca_image_only", "tmca_parts_off", "ssa_parts_off"],
+)
+def test_a_part_switched_off_is_none_never_a_missing_attribute(build, off):
+    """Constructors never return early: every attribute exists whatever the switches."""
+    net = build()
+    for name in off:
+        assert getattr(net, name) is None, name
+    net.train()(torch.rand(2, 1, 64, 64))  # the image-only path runs with every part off
