@@ -200,10 +200,11 @@ def test_a_network_config_trains_on_train_yaml_and_infers_on_inference_yaml(netw
     assert type(net).__name__ == _expected_class(network)
     # each ablation switches off what it names, and only that
     if network.startswith("tmca"):
-        levels = {"tmca_no_alignment": [], "tmca_image_only": [], "tmca_single_level": [32]}.get(network, [4, 8, 16, 32])
+        no_levels = ("tmca_no_alignment", "tmca_image_only", "tmca_backbone")
+        levels = [] if network in no_levels else [32] if network == "tmca_single_level" else [4, 8, 16, 32]
         assert net.use_text == (network != "tmca_image_only")
         assert list(net.alignment_levels) == levels
-        assert net.enhancement == (network not in ("tmca_no_enhancement", "tmca_image_only"))
+        assert net.enhancement == (network not in ("tmca_no_enhancement", "tmca_image_only", "tmca_backbone"))
         assert loss.target_sensitive == (network != "tmca_no_target")
 
     out = tmp_path / "out"
