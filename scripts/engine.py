@@ -26,6 +26,7 @@ __all__ = [
     "SegmentationTrainer",
     "SegmentationEvaluator",
     "ProgressBar",
+    "TrainingProgress",
     "MetricsJsonWriter",
     "loss_terms",
     "every_n_iterations",
@@ -208,6 +209,28 @@ class SegmentationEvaluator(SupervisedEvaluator):
         device_type = _device_type(kwargs)
         super().__init__(*args, val_handlers=_drop_duplicate_trackers(val_handlers), **kwargs)
         _autocast_forward(self, device_type, compute_dtype)
+
+
+class TrainingProgress:
+    """Tells an object with ``set_progress(epochs: float)`` (a loss with a warm-up, e.g.
+    :class:`scripts.losses.TMCALoss`) how far training is, in fractional epochs, before every iteration.
+
+    Read from the engine's state, so a resumed run continues its schedule where it stopped. A target without
+    ``set_progress`` (a loss without a schedule) is left alone.
+
+    Args:
+        target: the object to inform.
+    """
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def attach(self, engine: Engine) -> None:
+        if callable(getattr(self.target, "set_progress", None)):
+            engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.target.set_progress((engine.state.iteration - 1) / max(engine.state.epoch_length or 1, 1))
 
 
 class ProgressBar(_IgniteProgressBar):

@@ -50,6 +50,18 @@ def test_training_saves_best_and_resumable_checkpoints(trained):
     assert (root / "eval" / "mlruns.db").is_file()
 
 
+def test_validation_logs_the_alignment_health_to_mlflow(trained):
+    import mlflow
+
+    root, _ = trained
+    client = mlflow.MlflowClient(f"sqlite:///{root}/eval/mlruns.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    logged = set(run.data.metrics)
+    for s in (4, 8, 16, 32):
+        assert {f"val_align_loss_s{s}", f"val_align_top1_s{s}", f"val_align_laterality_s{s}"} <= logged
+    assert {"val_align_chance", "val_align_top1_prior", "val_align_laterality_prior"} <= logged
+
+
 def test_evaluate_writes_the_segmentation_and_report_consistency_metrics(trained, demo_dir):
     root, _ = trained
     wf = _workflow(

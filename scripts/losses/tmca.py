@@ -63,19 +63,29 @@ def alignment_loss(
     return symmetric_batch_nce(logits, group, valid, hard)
 
 
+LEVEL_REDUCTIONS = ("sum", "mean")
+
+
 class TMCALoss(nn.Module):
-    """Dice + BCE + λ_align · Σₛ wₛ · alignmentₛ + λ_map · Σ map BCE, every term returned by name.
+    """Dice + BCE + w(t) · λ_align · Rₛ wₛ · alignmentₛ + λ_map · Σ map BCE, every term returned by name.
+
+    Rₛ is the sum over the alignment levels, or their mean (``level_reduction``); w(t) ramps linearly from 0 to 1
+    over the first ``warmup_epochs`` of training (:meth:`set_progress`, called by
+    :class:`scripts.engine.TrainingProgress`), so that an alignment near chance does not pull the encoder against
+    the segmentation from the first step.
 
     Reads the training output of :class:`scripts.networks.TMCA` (a plain logit tensor is accepted too, giving
     Dice + BCE only, so image-only networks can share the loss).
 
     Args:
         lambda_dice, lambda_bce: weights of the segmentation terms.
-        lambda_align: weight of the alignment sum.
+        lambda_align: weight of the alignment term.
         lambda_map: weight of the enhancement-map supervision.
         level_weights: stride → weight of that level's alignment (default 1 for every level).
         temperature: τ of the alignment logits.
         target_sensitive: see :func:`alignment_loss`.
+        level_reduction: ``"sum"`` or ``"mean"`` over the alignment levels.
+        warmup_epochs: epochs over which the alignment weight ramps up from 0 (0: full weight from the start).
     """
 
     def __init__(
@@ -87,13 +97,32 @@ class TMCALoss(nn.Module):
         level_weights: Mapping[int, float] | None = None,
         temperature: float = 0.07,
         target_sensitive: bool = True,
+        level_reduction: str = "sum",
+        warmup_epochs: float = 0.0,
     ) -> None:
         super().__init__()
+        if level_reduction not in LEVEL_REDUCTIONS:
+            raise ValueError(f"level_reduction must be one of {LEVEL_REDUCTIONS}, got {level_reduction!r}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
         self.segmentation = DiceBCELoss(lambda_dice, lambda_bce)
         self.lambda_align, self.lambda_map = float(lambda_align), float(lambda_map)
         self.level_weights = {int(k): float(v) for k, v in (level_weights or {}).items()}
         self.temperature = temperature
         self.target_sensitive = target_sensitive
+        self.level_reduction = level_reduction
+        self.warmup_epochs = float(warmup_epochs)
+        self.progress = 0.0
+
+    def set_progress(self, epochs: float) -> None:
+        """Training progress in epochs (fractional), from which the alignment warm-up is computed."""
+        self.progress = float(epochs)
+
+    @property
+    def align_weight(self) -> float:
+        """w(t) · λ_align, the alignment term's weight now."""
+        ramp = 1.0 if self.warmup_epochs == 0 else min(1.0, self.progress / self.warmup_epochs)
+        return self.lambda_align * ramp
 
     def forward(self, pred: torch.Tensor | Mapping, target: torch.Tensor) -> dict[str, torch.Tensor]:
         terms = self.segmentation(pred, target)
@@ -113,8 +142,10 @@ class TMCALoss(nn.Module):
             resized = F.interpolate(target, size=logits.shape[-2:], mode="area")
             maps = maps + F.binary_cross_entropy_with_logits(logits, (resized > 0.5).to(logits.dtype))
         if pred["align_strides"]:
+            if self.level_reduction == "mean":
+                align = align / len(pred["align_strides"])
             terms["loss_align"] = align
         if pred.get("target_maps"):
             terms["loss_map"] = maps
-        terms["loss"] = terms["loss"] + self.lambda_align * align + self.lambda_map * maps
+        terms["loss"] = terms["loss"] + self.align_weight * align + self.lambda_map * maps
         return terms

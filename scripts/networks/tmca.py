@@ -18,30 +18,50 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from scripts.networks.blocks import ReportText, TokenPool, TrainingOutput
+from scripts.networks.blocks import ReportText, TokenPool, TrainingOutput, sincos_positions
 from scripts.networks.guidedecoder import STRIDES, GuideDecoder
 
-__all__ = ["TMCA", "TMCAOutput", "TargetEnhancement"]
+__all__ = ["TMCA", "TMCAOutput", "TargetEnhancement", "AlignedEnhancement", "ENHANCEMENT_SPACES"]
+
+ENHANCEMENT_SPACES = ("feature", "aligned")
+POSITION_CHANNELS = 32  # width of the sin-cos position map added to the alignment embeddings (alignment_position)
 
 
-class TargetEnhancement(nn.Module):
-    """Language-guided target enhancement of one decoder stage.
+class _Enhancement(nn.Module):
+    """``F · (1 + α·sigmoid(logits))``: α fixed at 1 (``alpha_init`` None), or learned from ``alpha_init`` (0: the
+    stage starts as the identity, so an untrained map cannot disturb the backbone)."""
+
+    def __init__(self, alpha_init: float | None) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init))) if alpha_init is not None else None
+
+    def enhance(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        gain = torch.sigmoid(logits)
+        return x * (1 + (gain if self.alpha is None else self.alpha * gain))
+
+
+class TargetEnhancement(_Enhancement):
+    """Language-guided target enhancement of one decoder stage, scored in the stage's own feature space.
 
     The report is pooled into a query ``q`` of the stage's width C (:class:`TokenPool`), and every pixel feature
-    ``f(p)`` is scored against it: ``A = sigmoid(⟨f(p), q⟩ / √C + b)``; the features become ``F · (1 + A)``. The
-    logits of ``A`` are returned so that the mask can supervise them. Scoring in the feature space itself (rather
-    than projecting every pixel to a separate space first) keeps the stride-4 stage cheap on CPU.
+    ``f(p)`` is scored against it: ``A = sigmoid(⟨f(p), q⟩ / √C + b)``; the features become ``F · (1 + α·A)``.
+    The logits of ``A`` are returned so that the mask can supervise them. Scoring in the feature space itself
+    (rather than projecting every pixel to a separate space first) keeps the stride-4 stage cheap on CPU.
 
     Args:
         channels: C of the feature map.
         text_dim: text-encoder hidden size D.
+        alpha_init: None: α = 1 fixed; a number: α learned from that value.
     """
 
-    def __init__(self, channels: int, text_dim: int) -> None:
-        super().__init__()
+    def __init__(self, channels: int, text_dim: int, alpha_init: float | None = None) -> None:
+        super().__init__(alpha_init)
         self.text = TokenPool(text_dim, channels)
         self.scale = channels**-0.5
         self.bias = nn.Parameter(torch.zeros(1))
@@ -60,7 +80,40 @@ class TargetEnhancement(nn.Module):
         """
         query = self.text(states, mask, x.shape[0])
         logits = torch.einsum("bchw,bc->bhw", x, query)[:, None] * self.scale + self.bias
-        return x * (1 + torch.sigmoid(logits)), logits
+        return self.enhance(x, logits), logits
+
+
+class AlignedEnhancement(_Enhancement):
+    """Language-guided target enhancement scored in the alignment space: "based on the aligned image–text
+    patterns" (*our reading* of the abstract).
+
+    Every pixel feature is projected by the level's alignment head ``P`` (the 1×1 convolution that the
+    contrastive loss trains) and scored against the report's aligned embedding ``t`` by cosine:
+    ``A = sigmoid(s · cos(P f(p), t) + b)``, s = exp(learned log-scale, from ln 10); the features become
+    ``F · (1 + α·A)``. The alignment heads thus act at inference, and the map's supervision trains them too.
+
+    Args:
+        alpha_init: None: α = 1 fixed; a number: α learned from that value (0: identity at the start).
+    """
+
+    def __init__(self, alpha_init: float | None = 0.0) -> None:
+        super().__init__(alpha_init)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, pixels: torch.Tensor, report: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            x: B×C×H×W features.
+            pixels: B×d×H×W their projection into the alignment space.
+            report: B×d the report's aligned embedding.
+
+        Returns:
+            enhanced features B×C×H×W and the map's logits B×1×H×W.
+        """
+        cos = torch.einsum("bdhw,bd->bhw", F.normalize(pixels, dim=1), F.normalize(report, dim=1))[:, None]
+        logits = cos * self.log_scale.exp() + self.bias
+        return self.enhance(x, logits), logits
 
 
 class TMCAOutput(TrainingOutput):
@@ -99,6 +152,16 @@ class TMCA(GuideDecoder):
             ``[32]`` keeps only the deepest level.
         enhancement: language-guided target enhancement (part 3) on or off.
         embed_dim: d of the alignment space.
+        enhancement_space: ``"feature"``: each stage scores its own features against its own pooled report
+            (:class:`TargetEnhancement`); ``"aligned"``: it scores them in the alignment space with the level's
+            alignment heads (:class:`AlignedEnhancement`; the heads then exist at every stride, the contrastive
+            loss still reads only ``alignment_levels``).
+        enhancement_alpha_init: None: ``F · (1 + A)``; a number: ``F · (1 + α·A)`` with α learned from it (0: each
+            stage starts as the identity).
+        alignment_position: add a learned projection of 2-D sin-cos positions to the image side of the alignment
+            space, so that the masked mean (the target embedding) keeps where the lesion lies.
+        alignment_detach: encoder strides whose features reach the alignment heads without gradient (the
+            contrastive loss then trains the heads there, not the encoder).
     """
 
     def __init__(
@@ -115,6 +178,10 @@ class TMCA(GuideDecoder):
         alignment_levels: Sequence[int] = STRIDES,
         enhancement: bool = True,
         embed_dim: int = 128,
+        enhancement_space: str = "feature",
+        enhancement_alpha_init: float | None = None,
+        alignment_position: bool = False,
+        alignment_detach: Sequence[int] = (),
     ) -> None:
         # guidance at every stride, stride 4 included: "text guidance onto low-level image features"
         super().__init__(
@@ -134,13 +201,46 @@ class TMCA(GuideDecoder):
         if any(s not in STRIDES for s in self.alignment_levels):
             raise ValueError(f"alignment_levels must be among {STRIDES}, got {alignment_levels}")
         self.enhancement = bool(enhancement) and self.use_text
-        self.enhancers = self.align_image = self.align_text = None
+        if enhancement_space not in ENHANCEMENT_SPACES:
+            raise ValueError(f"enhancement_space must be one of {ENHANCEMENT_SPACES}, got {enhancement_space!r}")
+        self.enhancement_space = enhancement_space
+        self.alignment_detach = tuple(int(s) for s in alignment_detach)
+        aligned_enhancement = self.enhancement and enhancement_space == "aligned"
+        # the levels with alignment heads: those of the contrastive loss, and every stride for aligned enhancement
+        self.head_levels = STRIDES if aligned_enhancement else self.alignment_levels
+        self.enhancers = self.align_image = self.align_text = self.align_position = None
         if self.enhancement:
-            self.enhancers = nn.ModuleDict({str(s): TargetEnhancement(ch[s], d_text) for s in STRIDES})
-        if self.alignment_levels:
+            self.enhancers = nn.ModuleDict(
+                {
+                    str(s): AlignedEnhancement(enhancement_alpha_init) if aligned_enhancement
+                    else TargetEnhancement(ch[s], d_text, enhancement_alpha_init)
+                    for s in STRIDES
+                }
+            )
+        if self.head_levels:
             # linear, so it commutes with the masked mean: the target embedding is the projected pooled feature
-            self.align_image = nn.ModuleDict({str(s): nn.Conv2d(ch[s], embed_dim, 1) for s in self.alignment_levels})
-            self.align_text = nn.ModuleDict({str(s): TokenPool(d_text, embed_dim) for s in self.alignment_levels})
+            self.align_image = nn.ModuleDict({str(s): nn.Conv2d(ch[s], embed_dim, 1) for s in self.head_levels})
+            self.align_text = nn.ModuleDict({str(s): TokenPool(d_text, embed_dim) for s in self.head_levels})
+        if self.head_levels and alignment_position:
+            self.align_position = nn.ModuleDict(
+                {str(s): nn.Conv2d(POSITION_CHANNELS, embed_dim, 1, bias=False) for s in self.head_levels}
+            )
+
+    def align_pixels(self, stride: int, x: torch.Tensor) -> torch.Tensor:
+        """B×C×h×w features of ``stride`` → B×d×h×w in the alignment space (with the position term when on)."""
+        out = self.align_image[str(stride)](x)
+        if self.align_position is not None:
+            h, w = x.shape[-2:]
+            pos = sincos_positions((h, w), POSITION_CHANNELS, out)  # (h·w)×P
+            out = out + self.align_position[str(stride)](pos.T.reshape(1, POSITION_CHANNELS, h, w))
+        return out
+
+    def align_report(self, stride: int, text: ReportText, batch: int) -> torch.Tensor:
+        """B×d aligned report embedding of ``stride``, computed once per forward (kept in ``text.aux``)."""
+        cache = text.aux.setdefault("aligned_report", {})
+        if stride not in cache:
+            cache[stride] = self.align_text[str(stride)](text.states, text.mask, batch)
+        return cache[stride]
 
     def stage(self, stride: int, x: torch.Tensor, text: ReportText) -> torch.Tensor:
         """Guide layer, then the language-guided target enhancement, whose map logits go to
@@ -148,7 +248,11 @@ class TMCA(GuideDecoder):
         x = super().stage(stride, x, text)
         if self.enhancers is None:
             return x
-        x, logits = self.enhancers[str(stride)](x, text.states, text.mask)
+        enhancer = self.enhancers[str(stride)]
+        if isinstance(enhancer, AlignedEnhancement):
+            x, logits = enhancer(x, self.align_pixels(stride, x), self.align_report(stride, text, x.shape[0]))
+        else:
+            x, logits = enhancer(x, text.states, text.mask)
         text.aux.setdefault("target_maps", []).append(logits)
         return x
 
@@ -156,12 +260,29 @@ class TMCA(GuideDecoder):
         """The :class:`TMCAOutput`: the alignment levels' projections of the encoder features and of the report,
         and the enhancement maps the stages collected."""
         b, levels = pred.shape[0], self.alignment_levels
+        detach = self.alignment_detach
         return TMCAOutput(
             pred=pred,
             text_present=text.present,
             text_group=text.group,
             align_strides=list(levels),
-            align_image=[self.align_image[str(s)](feats[s]) for s in levels],
-            align_text=[self.align_text[str(s)](text.states, text.mask, b) for s in levels],
+            align_image=[self.align_pixels(s, feats[s].detach() if s in detach else feats[s]) for s in levels],
+            align_text=[self.align_report(s, text, b) for s in levels],
             target_maps=text.aux.get("target_maps", []),
         )
+
+    @torch.no_grad()
+    def alignment_embeddings(
+        self, image: torch.Tensor, text_ids: torch.Tensor | None, text_mask: torch.Tensor | None
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Encoder and report in the alignment space, without the decoder (for :mod:`scripts.health`).
+
+        Returns:
+            stride → (B×d×h×w image embeddings, B×d report embeddings), for every alignment level.
+        """
+        feats = dict(zip(STRIDES, self.encoder(image)))
+        text = self.encode_text(text_ids, text_mask, image.shape[0], image.device)
+        return {
+            s: (self.align_pixels(s, feats[s]), self.align_report(s, text, image.shape[0]))
+            for s in self.alignment_levels
+        }

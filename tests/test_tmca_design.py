@@ -1,0 +1,107 @@
+"""The TMCA design switches of the study (issue 19, part 2): loss schedule, aligned enhancement from identity,
+position in the target embedding, stop-gradient levels, and the alignment-health figures."""
+
+import math
+
+import pytest
+import torch
+from conftest import lesion_masks
+
+from scripts.engine import TrainingProgress
+from scripts.health import alignment_health
+from scripts.losses import TMCALoss
+from scripts.networks import TMCA
+from scripts.networks.tmca import AlignedEnhancement
+
+IMAGE = (4, 1, 64, 64)
+
+
+def test_mean_reduction_averages_the_levels_and_warmup_ramps_the_weight(tokens):
+    torch.manual_seed(0)
+    out = TMCA().train()(torch.rand(*IMAGE), *tokens)
+    target = lesion_masks(4)
+    summed = TMCALoss(lambda_map=0.0)(out, target)
+    mean = TMCALoss(lambda_map=0.0, level_reduction="mean")(out, target)
+    torch.testing.assert_close(mean["loss_align"], summed["loss_align"] / 4)
+    seg = summed["loss_dice"] + summed["loss_bce"]
+    warm = TMCALoss(lambda_map=0.0, warmup_epochs=2)
+    for progress, weight in ((0.0, 0.0), (1.0, 0.25), (3.0, 0.5)):
+        warm.set_progress(progress)
+        assert warm.align_weight == pytest.approx(weight)
+        torch.testing.assert_close(warm(out, target)["loss"], seg + weight * summed["loss_align"])
+    with pytest.raises(ValueError, match="level_reduction"):
+        TMCALoss(level_reduction="max")
+
+
+def test_training_progress_reads_the_engine_state_so_a_resumed_run_keeps_its_schedule():
+    from ignite.engine import Engine, Events
+
+    loss = TMCALoss(warmup_epochs=1)
+    seen = []
+    engine = Engine(lambda e, b: seen.append(loss.progress))
+    TrainingProgress(loss).attach(engine)
+    engine.run([0] * 4, max_epochs=2)
+    assert seen == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    engine.state.iteration = 6  # as a checkpoint of iteration 6 restores it
+    TrainingProgress(loss)(engine)
+    assert loss.progress == 1.25
+    plain = Engine(lambda e, b: None)
+    TrainingProgress(object()).attach(plain)  # a loss without a schedule: nothing attached
+    assert not plain.has_event_handler(TrainingProgress(object()), Events.ITERATION_STARTED)
+
+
+def test_aligned_enhancement_starts_as_the_identity_and_uses_the_alignment_heads(tokens):
+    torch.manual_seed(0)
+    net = TMCA(enhancement_space="aligned", enhancement_alpha_init=0.0, alignment_levels=[32]).train()
+    assert all(isinstance(e, AlignedEnhancement) for e in net.enhancers.values())
+    assert sorted(int(k) for k in net.align_image) == [4, 8, 16, 32]  # heads at every enhanced stride
+    x = torch.rand(4, 16, 8, 8)
+    y, logits = net.enhancers["16"](x, torch.randn(4, 128, 8, 8), torch.randn(4, 128))
+    torch.testing.assert_close(y, x)  # α = 0: identity at the start
+    out = net(torch.rand(*IMAGE), *tokens)
+    assert out["align_strides"] == [32]  # the contrastive loss still reads the alignment levels only
+    loss = TMCALoss()(out, lesion_masks(4))
+    loss["loss"].backward()
+    assert net.align_image["4"].weight.grad.abs().sum() > 0  # the map's supervision trains the shallow heads
+    assert all(e.alpha.grad is not None for e in net.enhancers.values())
+    with pytest.raises(ValueError, match="enhancement_space"):
+        TMCA(enhancement_space="pixel")
+
+
+def test_the_position_term_tells_apart_lesions_at_different_places():
+    torch.manual_seed(0)
+    net = TMCA(alignment_position=True, alignment_levels=[16])
+    flat = torch.zeros(1, net.channels[16], 4, 4)  # the same features everywhere: only the position differs
+    pixels = net.align_pixels(16, flat)[0]
+    assert not torch.allclose(pixels[:, 0, 0], pixels[:, 3, 3])
+    plain = TMCA(alignment_levels=[16]).align_pixels(16, flat)[0]
+    torch.testing.assert_close(plain[:, 0, 0], plain[:, 3, 3])
+
+
+def test_detached_levels_send_no_alignment_gradient_into_the_encoder(tokens):
+    torch.manual_seed(0)
+    image = torch.rand(*IMAGE)
+    grads = {}
+    for detach in ((), (4, 8, 16, 32)):
+        net = TMCA(enhancement=False, alignment_detach=detach).train()
+        out = net(image, *tokens)
+        TMCALoss()(out, lesion_masks(4))["loss_align"].backward()
+        grads[detach] = sum(p.grad.abs().sum() for p in net.encoder.parameters() if p.grad is not None)
+        assert net.align_image["4"].weight.grad.abs().sum() > 0  # the heads still learn
+    assert grads[()] > 0 and grads[(4, 8, 16, 32)] == 0
+
+
+def test_alignment_health_figures():
+    keys = ["a", "b", "a", "c", "b", "a"]
+    texts = ["left lung.", "right lung.", "left lung.", "both lungs.", "right lung.", "left lung."]
+    bank = {"a": torch.tensor([1.0, 0, 0]), "b": torch.tensor([0, 1.0, 0]), "c": torch.tensor([0, 0, 1.0])}
+    reports = torch.stack([bank[k] for k in keys])
+    perfect = alignment_health(reports + 0.01, reports, keys, texts)
+    assert perfect["chance"] == pytest.approx(math.log(3))
+    assert perfect["top1"] == 1.0 and perfect["laterality"] == 1.0 and perfect["loss"] < perfect["chance"]
+    assert perfect["top1_prior"] == pytest.approx(3 / 6)
+    assert perfect["laterality_prior"] == pytest.approx(3 / 5)  # 3 left, 2 right among the one-sided
+    swapped = alignment_health(torch.stack([bank["b" if k == "a" else "a" if k == "b" else k] for k in keys]),
+                               reports, keys, texts)
+    assert swapped["top1"] == pytest.approx(1 / 6) and swapped["laterality"] == 0.0
+    assert swapped["loss"] > swapped["chance"]
