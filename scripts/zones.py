@@ -30,6 +30,13 @@ _LEVEL_WORDS = {
 _NOUNS = {"lung", "lungs", "lobe", "lobes", "zone", "zones", "field", "fields", "hemithorax", "base", "bases",
           "apex", "apices"}
 _BREAKS = {",", ".", ";", ":"}
+# conjunctions that open a clause of their own: a negation does not reach across them ("opacity in the left base
+# but the right lung is clear")
+_CLAUSE_WORDS = {"but", "whereas", "while", "however"}
+# negation cues: a clause with one names no zone ("no opacity in the left lung", "the right lung is clear")
+_NEGATIONS = {"no", "not", "without", "clear", "normal", "unremarkable", "spared", "free", "negative", "nil"}
+# exceptions end a negation's reach: "left lung clear apart from the lt base" names the left base
+_EXCEPTIONS = {"except", "apart", "excepting", "besides"}
 
 
 class _Mention:
@@ -43,21 +50,39 @@ def report_zones(text: str | None) -> np.ndarray | None:
 
     A side without a level ("left lung", "both lungs") names all three levels of that side; levels without a side
     ("lower zones") name both sides. A bare side word in a phrase with no lung noun and no level ("bilateral
-    pulmonary infection") names zones only when the report names nothing more specific.
+    pulmonary infection") names zones only when the report names nothing more specific. A clause (between
+    punctuation or "but"/"whereas"/"while"/"however") with a negation cue ("no", "not", "without", "clear",
+    "normal", "unremarkable", "spared", ...) names nothing: "the right lung is clear" does not name the right lung;
+    an exception after the cue ("apart from", "except") names what follows it.
     """
     if not text:
         return None
     tokens = re.findall(r"[a-z]+|[,.;:]", text.lower())
     mentions: list[_Mention] = []
+    clause_start, negated = 0, False  # the mentions of the current clause: mentions[clause_start:]
     pending: set[int] = set()  # levels seen before their side ("lower left lung")
     pending_noun = False
     current: _Mention | None = None  # a side still taking levels after it ("left lower lobe")
+
+    def close_pending() -> None:
+        if pending:  # levels that never met a side name both sides ("lower zones.", "all lung and ...")
+            mention = _Mention((0, 1), pending)
+            mention.closed_by_noun = True
+            mentions.append(mention)
+
     for token in tokens:
-        if token in _BREAKS or (token == "and" and pending and pending_noun):
-            if pending:  # levels that never met a side name both sides ("lower zones.", "all lung and ...")
-                mention = _Mention((0, 1), pending)
-                mention.closed_by_noun = True
-                mentions.append(mention)
+        if token in _BREAKS or token in _CLAUSE_WORDS or (token in _EXCEPTIONS and negated):
+            close_pending()
+            if negated:
+                del mentions[clause_start:]
+            clause_start, negated = len(mentions), False
+            pending, pending_noun = set(), False
+            current = None
+            continue
+        if token in _NEGATIONS:
+            negated = True
+        if token == "and" and pending and pending_noun:
+            close_pending()
             pending, pending_noun = set(), False
             current = None
             continue
@@ -77,10 +102,9 @@ def report_zones(text: str | None) -> np.ndarray | None:
                 current = None
             else:
                 pending_noun = True
-    if pending:
-        mention = _Mention((0, 1), pending)
-        mention.closed_by_noun = True
-        mentions.append(mention)
+    close_pending()
+    if negated:
+        del mentions[clause_start:]
 
     specific = [m for m in mentions if m.levels or m.closed_by_noun]
     chosen = specific or mentions

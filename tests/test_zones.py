@@ -47,8 +47,12 @@ ALL_RIGHT = [(R, U), (R, M), (R, D)]
         ("bilateral lower zone consolidation", [(L, D), (R, D)]),
         ("opacities in the lower zones bilaterally.", [(L, D), (R, D)]),
         ("bibasal atelectasis", [(L, D), (R, D)]),
-        ("Right upper and middle lobe pneumonia; left lung clear apart from the lt base.",
-         [(R, U), (R, M), (L, D), *ALL_LEFT]),
+        # negation (issue 19): the clear lung is not named, an exception after the cue is
+        ("Right upper and middle lobe pneumonia; left lung clear apart from the lt base.", [(R, U), (R, M), (L, D)]),
+        ("patchy opacity in the left lower zone; the right lung is clear.", [(L, D)]),
+        ("no opacity in the left lung, consolidation at the right base", [(R, D)]),
+        ("opacity at the left base but the right lung is normal", [(L, D)]),
+        ("Ground-glass change in both lower zones. No consolidation in the upper zones.", [(L, D), (R, D)]),
         ("upper and lower left lung", [(L, U), (L, D)]),
         ("rt mid zone haziness", [(R, M)]),
         ("left apical pneumothorax", [(L, U)]),
@@ -58,7 +62,7 @@ def test_report_zones(text, expected):
     np.testing.assert_array_equal(report_zones(text), _zones(*expected))
 
 
-@pytest.mark.parametrize("text", [None, "", "pulmonary infection.", "no acute findings"])
+@pytest.mark.parametrize("text", [None, "", "pulmonary infection.", "no acute findings", "both lungs are clear."])
 def test_reports_without_a_location_name_no_zones(text):
     assert report_zones(text) is None
 
