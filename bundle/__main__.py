@@ -131,6 +131,18 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _freetext(args: argparse.Namespace) -> int:
+    from bundle.freetext import write_freetext_datalists
+
+    try:
+        free, none = write_freetext_datalists(args.datalist, args.split)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{free}\n{none}")
+    return 0
+
+
 def _infer_pacs(args: argparse.Namespace) -> int:
     from bundle.infer_pacs import infer_pacs, reasons
 
@@ -265,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     rs.add_argument("metrics", nargs="+", help="<run>/eval_val/metrics.json files, e.g. runs/qata/*_1ep/eval_val/metrics.json")
     rs.add_argument("--baseline", help="a run name: adds each row's dice_mean difference to it")
     rs.set_defaults(func=_results)
+    ft = sub.add_parser("freetext", help="held-out free-text and no-report copies of a datalist's validation split")
+    ft.add_argument("datalist", help="the datalist JSON; the copies are written beside it")
+    ft.add_argument("--split", default="validation")
+    ft.set_defaults(func=_freetext)
     ip = sub.add_parser("infer-pacs", help="segment every series of a DICOM export: DICOM SEG, overlays, summary.csv")
     ip.add_argument("--input", required=True, help="the export folder (any nesting, any file names)")
     ip.add_argument("--output", required=True, help="results folder; a rerun skips the series already done")

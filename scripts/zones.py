@@ -28,7 +28,7 @@ _LEVEL_WORDS = {
 }
 # words that end a location phrase ("left lower lobe", "right base")
 _NOUNS = {"lung", "lungs", "lobe", "lobes", "zone", "zones", "field", "fields", "hemithorax", "base", "bases",
-          "apex", "apices"}
+          "apex", "apices", "region", "regions"}
 _BREAKS = {",", ".", ";", ":"}
 # conjunctions that open a clause of their own: a negation does not reach across them ("opacity in the left base
 # but the right lung is clear")

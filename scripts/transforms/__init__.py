@@ -1,6 +1,6 @@
 """The bundle's transforms, one module per job; the configs name them as ``scripts.transforms.<Name>``.
 
-- ``report``: report text → tokens, report dropout, the side-aware flip.
+- ``report``: report text → tokens, report dropout, clinical rephrasing, the side-aware flip.
 - ``geometry``: the image's channel count, a 2D slice or slab from a volume.
 - ``zones``: the raster of the lung zones a report names.
 
@@ -8,7 +8,14 @@ Writing outputs is not here: ``scripts.outputs``.
 """
 
 from scripts.transforms.geometry import SelectSlab, SelectSlabd, ToChannels, ToChannelsd
-from scripts.transforms.report import RandDropReportd, RandSideFlipd, TokenizeReport, TokenizeReportd, swap_sides
+from scripts.transforms.report import (
+    RandDropReportd,
+    RandRephraseReportd,
+    RandSideFlipd,
+    TokenizeReport,
+    TokenizeReportd,
+    swap_sides,
+)
 from scripts.transforms.zones import ReportZonesd
 
 __all__ = [
@@ -16,6 +23,7 @@ __all__ = [
     "TokenizeReportd",
     "RandDropReportd",
     "RandSideFlipd",
+    "RandRephraseReportd",
     "swap_sides",
     "ReportZonesd",
     "ToChannels",

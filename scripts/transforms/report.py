@@ -1,4 +1,5 @@
-"""Report-text transforms: tokenisation, report dropout and the side-aware flip (array/dictionary pairs)."""
+"""Report-text transforms: tokenisation, report dropout, rephrasing and the side-aware flip (array/dictionary
+pairs)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import os
 import re
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -13,9 +15,13 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import Flipd, MapTransform, RandomizableTransform, Transform
 
+from scripts.phrasing import clinical_phrasing
 from scripts.text import resolve_text_encoder_dir
+from scripts.zones import report_zones
 
-__all__ = ["TokenizeReport", "TokenizeReportd", "RandDropReportd", "RandSideFlipd", "swap_sides"]
+__all__ = [
+    "TokenizeReport", "TokenizeReportd", "RandDropReportd", "RandSideFlipd", "RandRephraseReportd", "swap_sides",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +39,8 @@ class TokenizeReport(Transform):
         lowercase: lower-case the text first (uncased tokenizers such as MiniLM's do it anyway).
         unicode_form: Unicode normalisation applied first (``"NFKC"`` folds full-width letters, ligatures and
             non-breaking spaces); None keeps the text as it is. Runs of white space always become one space.
+        cache_size: distinct texts kept tokenised (least recently used out first); report augmentation
+            (:class:`RandRephraseReportd`) makes the texts many.
     """
 
     def __init__(
@@ -41,13 +49,15 @@ class TokenizeReport(Transform):
         max_length: int = 24,
         lowercase: bool = False,
         unicode_form: str | None = "NFKC",
+        cache_size: int = 4096,
     ) -> None:
         self.tokenizer_dir = resolve_text_encoder_dir(tokenizer_dir)
         self.max_length = int(max_length)
         self.lowercase = lowercase
         self.unicode_form = unicode_form
         self._tokenizer = None  # loaded on first use, so the transform pickles cheaply into workers
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def _tok(self):
         if self._tokenizer is None:
@@ -66,6 +76,10 @@ class TokenizeReport(Transform):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tokenizer": None}
 
+    def token_count(self, text: str) -> int:
+        """Tokens of ``text`` with the special tokens, before padding or truncation."""
+        return len(self._tok()(self.normalise(text))["input_ids"])
+
     def __call__(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(ids, mask)``, both int64 tensors of length ``max_length``."""
         text = self.normalise(text)
@@ -80,6 +94,9 @@ class TokenizeReport(Transform):
                 ids = torch.full((self.max_length,), pad, dtype=torch.long)
                 mask = torch.zeros(self.max_length, dtype=torch.long)
             self._cache[text] = (ids, mask)
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(text)
         ids, mask = self._cache[text]
         return ids.clone(), mask.clone()
 
@@ -230,6 +247,58 @@ class RandSideFlipd(RandomizableTransform, MapTransform):
             d[self.report_key] = swap_sides(self.tokenize.normalise(text))
             ids, mask = self.tokenize(d[self.report_key])
             d[f"{self.report_key}_ids"], d[f"{self.report_key}_mask"] = ids, mask
+        return d
+
+
+class RandRephraseReportd(RandomizableTransform, MapTransform):
+    """Report augmentation: with probability ``prob`` the report is rewritten as clinical free text naming the same
+    lung zones (:func:`scripts.phrasing.clinical_phrasing`), and re-tokenised with the tokenizer of
+    :class:`TokenizeReportd`.
+
+    Templated reports teach the wording of the template; the rewriting teaches what the words mean. Left and right
+    keep their meaning in the source report. A report that names no zone (or is missing) is left as it is; a
+    phrasing longer than the tokenizer's ``max_length`` is drawn again (``max_tries``), then the report is left
+    as it is, so that no phrasing is cut. Place it among the random transforms, before :class:`RandSideFlipd`,
+    :class:`RandDropReportd` and ``ReportZonesd`` (which reads the rewritten text).
+
+    Args:
+        keys: the report text key(s); their ``_ids``/``_mask`` keys are rewritten.
+        prob: probability of rewriting a sample's report.
+        tokenizer: the tokenizer given to :class:`TokenizeReportd` (``@tokenizer``); None: ``TokenizeReport()``.
+        clear_side_prob: probability of a sentence about the clear side of a unilateral report.
+        max_tries: phrasings drawn before giving up on one that fits.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "report",
+        prob: float = 0.5,
+        tokenizer: TokenizeReport | None = None,
+        clear_side_prob: float = 0.5,
+        max_tries: int = 4,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys=True)
+        RandomizableTransform.__init__(self, prob)
+        self.tokenize = tokenizer if tokenizer is not None else TokenizeReport()
+        self.clear_side_prob = float(clear_side_prob)
+        self.max_tries = int(max_tries)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        self.randomize(None)
+        d = dict(data)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            text = d[key]
+            zones = report_zones(text) if isinstance(text, str) else None
+            if zones is None:
+                continue
+            for _ in range(self.max_tries):
+                new = clinical_phrasing(zones, self.R, self.clear_side_prob)
+                if self.tokenize.token_count(new) <= self.tokenize.max_length:
+                    d[key] = new
+                    d[f"{key}_ids"], d[f"{key}_mask"] = self.tokenize(new)
+                    break
         return d
 
 

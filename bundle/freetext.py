@@ -1,0 +1,104 @@
+"""Held-out free-text validation reports: the validation split with its templated reports rewritten by rules that
+the training augmentation (:mod:`scripts.phrasing`) does not use, and without reports.
+
+``python -m bundle freetext DATALIST`` writes, beside DATALIST, ``<stem>_freetext.json`` (every report of the
+split rewritten) and ``<stem>_noreport.json`` (no report at all: the image-only path), so that one evaluation per
+datalist (``configs/evaluate.yaml`` with ``--datalist``) gives the validation Dice with templated reports,
+free-text reports and no report. The rules here share no finding word, no location wording and no clear-side
+sentence with the augmentation's (``tests/test_freetext.py`` checks it), so a model cannot score well on this set by
+having learned the augmentation's phrasings. Each rewrite is a fixed function of the sample's id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from scripts.io import atomic_write_text
+from scripts.zones import SIDES, report_zones
+
+__all__ = ["EVAL_FINDINGS", "freetext_report", "write_freetext_datalists"]
+
+EVAL_FINDINGS = (
+    "mottled shadowing", "confluent shadowing", "ill-defined shadowing", "increased density", "inflammatory change",
+    "alveolar shadowing",
+)
+_ONE_LEVEL = {0: ("{s} upper field", "{s} apical area"), 1: ("{s} mid field", "{s} midzone"),
+              2: ("{s} lower field", "{s} basal area")}
+_TWO_LEVELS = {(0, 1): "{s} upper and mid fields", (0, 2): "{s} upper and lower fields",
+               (1, 2): "{s} mid and lower fields"}
+_ALL_LEVELS = ("{s} hemithorax", "{s} lung field")
+_CLEAR_SIDE = ("No focal abnormality on the {o}.", "The {o} hemithorax appears normal.", "The {o} side is spared.")
+
+
+def _rng(key: str) -> np.random.RandomState:
+    return np.random.RandomState(int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little"))
+
+
+def _location(levels: tuple[int, ...], side: str, rng: np.random.RandomState) -> str:
+    if len(levels) == 3:
+        return _ALL_LEVELS[rng.randint(len(_ALL_LEVELS))].format(s=side)
+    if len(levels) == 2:
+        return _TWO_LEVELS[levels].format(s=side)
+    options = _ONE_LEVEL[levels[0]]
+    return options[rng.randint(len(options))].format(s=side)
+
+
+def freetext_report(report: str, key: str) -> str | None:
+    """The held-out free-text rewrite of a report, a fixed function of ``key`` (the sample's id); None when the
+    report names no lung zone (it cannot be rewritten without inventing one)."""
+    zones = report_zones(report)
+    if zones is None:
+        return None
+    rng = _rng(key)
+    named = [(SIDES[s], tuple(int(v) for v in np.flatnonzero(zones[s]))) for s in range(2) if zones[s].any()]
+    if len(named) == 2 and rng.rand() < 0.5:
+        named.reverse()
+    places = [_location(levels, side, rng) for side, levels in named]
+    first, second = (EVAL_FINDINGS[i] for i in rng.choice(len(EVAL_FINDINGS), 2, replace=False))
+    if rng.rand() < 0.5 or len(places) == 1:
+        text = f"{first.capitalize()} affecting the {' and '.join(places)}."
+    else:
+        text = f"{first.capitalize()} is seen in the {places[0]}, with {second} in the {places[1]}."
+    if len(named) == 1 and rng.rand() < 0.6:
+        other = SIDES[1 - SIDES.index(named[0][0])]
+        text += " " + _CLEAR_SIDE[rng.randint(len(_CLEAR_SIDE))].format(o=other)
+    return text
+
+
+def write_freetext_datalists(datalist: str | os.PathLike, split: str = "validation") -> tuple[Path, Path]:
+    """Writes ``<stem>_freetext.json`` and ``<stem>_noreport.json`` beside ``datalist`` (atomically), each with
+    ``split`` rewritten and the other splits as they are.
+
+    Entries whose report names no zone keep their report in the free-text list (counted in its ``description``);
+    entries without a report are an error naming the datalist, since the comparison needs every report.
+
+    Returns:
+        the two paths.
+    """
+    path = Path(datalist)
+    data = json.loads(path.read_text())
+    if split not in data:
+        raise ValueError(f"{path}: no {split!r} split")
+    free, none, kept = [], [], 0
+    for entry in data[split]:
+        if not isinstance(entry.get("report"), str) or not entry["report"].strip():
+            raise ValueError(f"{path}: {entry.get('id') or entry.get('image')} has no report to rewrite")
+        key = str(entry.get("id") or entry["image"])
+        text = freetext_report(entry["report"], key)
+        kept += text is None
+        free.append({**entry, "report": text if text is not None else entry["report"]})
+        none.append({k: v for k, v in entry.items() if k != "report"})
+    out = []
+    for suffix, entries, note in (
+        ("freetext", free, f"{split} reports rewritten as free text by bundle/freetext.py ({kept} without a zone kept)"),
+        ("noreport", none, f"{split} without reports (the image-only path)"),
+    ):
+        target = path.with_name(f"{path.stem}_{suffix}.json")
+        atomic_write_text(target, json.dumps({**data, split: entries, "description": note}, indent=1))
+        out.append(target)
+    return out[0], out[1]

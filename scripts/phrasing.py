@@ -1,0 +1,93 @@
+"""Clinical free-text phrasings of the lung zones a report names: the training-time report augmentation.
+
+QaTa-COV19's reports follow one template ("unilateral pulmonary infection, one infected area, lower left lung.");
+a reader writes "patchy opacity in the left lower zone; the right lung is clear." A network trained on the
+template alone learns its wording, not its meaning. :func:`clinical_phrasing` writes the zones of a report as
+one of many clinical phrasings: zones as upper/mid/lower zone, apex, base, perihilar, the entire lung; findings
+as opacity, ground-glass, consolidation, infiltrates; the sides in either order; for a unilateral report, often
+a negated sentence about the clear side.
+
+Left and right keep the meaning they have in the source report (the dataset's convention,
+``report_left_is_image_left``), and :func:`scripts.zones.report_zones` reads every phrasing back to the same zones
+(tested on every QaTa report). The held-out free-text validation reports (``bundle/freetext.py``) are written by
+other rules, with other words, so that validation does not reward learning these.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scripts.zones import SIDES
+
+__all__ = ["clinical_phrasing", "FINDINGS"]
+
+FINDINGS = (
+    "opacity", "opacities", "patchy opacity", "patchy opacities", "ground-glass opacity", "ground-glass opacities",
+    "consolidation", "patchy consolidation", "airspace opacity", "airspace opacities", "infiltrates",
+    "hazy opacity",
+)
+# one level of one side; {s} is the side word
+_ONE_LEVEL = {
+    0: ("{s} upper zone", "{s} apex", "{s} upper lung"),
+    1: ("{s} mid zone", "{s} middle zone", "{s} perihilar region"),
+    2: ("{s} lower zone", "{s} base", "base of the {s} lung"),
+}
+_TWO_LEVELS = {
+    (0, 1): ("{s} upper and mid zones", "{s} upper and middle zones"),
+    (0, 2): ("{s} upper and lower zones",),
+    (1, 2): ("{s} mid and lower zones", "{s} middle and lower zones"),
+}
+_ALL_LEVELS = ("entire {s} lung", "whole {s} lung", "{s} lung")
+# a sentence about the clear side; {o} is its side word
+_CLEAR_SIDE = ("The {o} lung is clear.", "No {f} in the {o} lung.", "{O} lung clear.", "The {o} lung is unremarkable.")
+
+
+def _pick(rng: np.random.RandomState, options: tuple[str, ...]) -> str:
+    return options[rng.randint(len(options))]
+
+
+def _location(levels: tuple[int, ...], side: str, rng: np.random.RandomState) -> str:
+    if len(levels) == 3:
+        options = _ALL_LEVELS
+    elif len(levels) == 2:
+        options = _TWO_LEVELS[levels]
+    else:
+        options = _ONE_LEVEL[levels[0]]
+    return _pick(rng, options).format(s=side)
+
+
+def clinical_phrasing(zones: np.ndarray, rng: np.random.RandomState, clear_side_prob: float = 0.5) -> str:
+    """A clinical phrasing of ``zones``.
+
+    Args:
+        zones: 2×3 bool [side, level] (side 0 = "left", level 0 = "upper"), e.g. from
+            :func:`scripts.zones.report_zones`; at least one zone named.
+        rng: the random state (the calling transform's, so that ``set_determinism`` reproduces the draws).
+        clear_side_prob: probability of a negated sentence about the clear side of a unilateral report.
+
+    Returns:
+        the report text, e.g. "Patchy opacity in the left lower zone. The right lung is clear."
+    """
+    named = [(SIDES[s], tuple(int(lv) for lv in np.flatnonzero(zones[s]))) for s in range(2) if zones[s].any()]
+    if not named:
+        raise ValueError("clinical_phrasing needs at least one named zone")
+    if len(named) == 2 and rng.rand() < 0.5:
+        named.reverse()
+    finding = _pick(rng, FINDINGS)
+    places = [_location(levels, side, rng) for side, levels in named]
+    form = rng.randint(4)
+    if form == 0:
+        text = f"{finding.capitalize()} in the {' and the '.join(places)}."
+    elif form == 1:
+        second = _pick(rng, FINDINGS)
+        parts = [f"{places[0].capitalize()} {finding}"] + [f"{p} {second}" for p in places[1:]]
+        text = "; ".join(parts) + "."
+    elif form == 2 and len(places) == 2:
+        text = f"Bilateral {finding}, {places[0]} and {places[1]}."
+    else:
+        verb = "are" if finding.endswith("s") else "is"
+        text = f"There {verb} {finding} in the {' and the '.join(places)}."
+    if len(named) == 1 and rng.rand() < clear_side_prob:
+        other = SIDES[1 - SIDES.index(named[0][0])]
+        text += " " + _pick(rng, _CLEAR_SIDE).format(o=other, O=other.capitalize(), f=_pick(rng, FINDINGS))
+    return text
