@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
@@ -18,6 +19,7 @@ from monai.handlers import CheckpointLoader, MLFlowHandler
 from monai.utils import CommonKeys as Keys
 
 from scripts.precision import Autocast
+from scripts.zones import report_zones
 
 __all__ = [
     "ReportPrepareBatch",
@@ -27,6 +29,7 @@ __all__ = [
     "SegmentationEvaluator",
     "ProgressBar",
     "TrainingProgress",
+    "ReportBank",
     "MetricsJsonWriter",
     "loss_terms",
     "every_n_iterations",
@@ -231,6 +234,43 @@ class TrainingProgress:
 
     def __call__(self, engine: Engine) -> None:
         self.target.set_progress((engine.state.iteration - 1) / max(engine.state.epoch_length or 1, 1))
+
+
+class ReportBank:
+    """Fills a network's report bank (``TMCA(report_bank=True)``) with every distinct report of the training
+    datalist, tokenised with the config's tokenizer, when training starts.
+
+    A network without a bank switched on is left alone (one log line says so).
+
+    Args:
+        network: the network module (``network_def``, not a DDP wrapper), with ``set_report_bank``.
+        datalist: the training datalist (dicts with a ``report_key`` text).
+        tokenizer: the config's ``TokenizeReport``.
+        report_key: the report's key in the datalist entries.
+    """
+
+    def __init__(self, network: torch.nn.Module, datalist: Sequence[Mapping], tokenizer: Callable,
+                 report_key: str = "report") -> None:
+        self.network, self.datalist, self.tokenizer, self.report_key = network, datalist, tokenizer, report_key
+
+    def attach(self, engine: Engine) -> None:
+        if not getattr(self.network, "report_bank", False):
+            logger.info("report bank: off for %s", type(self.network).__name__)
+            return
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        texts = sorted({e[self.report_key].strip() for e in self.datalist
+                        if isinstance(e.get(self.report_key), str) and e[self.report_key].strip()})
+        if not texts:
+            raise ValueError("report bank: the training datalist has no report")
+        pairs = [self.tokenizer(t) for t in texts]
+        flags = [report_zones(t) for t in texts]
+        flags = np.stack([z.reshape(-1) if z is not None else np.zeros(6, dtype=bool) for z in flags])
+        self.network.set_report_bank(
+            torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]), torch.as_tensor(flags)
+        )
+        logger.info("report bank: %d distinct training reports", len(texts))
 
 
 class ProgressBar(_IgniteProgressBar):

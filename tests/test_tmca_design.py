@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import lesion_masks
+from conftest import FAST, config, lesion_masks
 
 from scripts.engine import TrainingProgress
 from scripts.health import alignment_health
@@ -105,3 +105,58 @@ def test_alignment_health_figures():
                                reports, keys, texts)
     assert swapped["top1"] == pytest.approx(1 / 6) and swapped["laterality"] == 0.0
     assert swapped["loss"] > swapped["chance"]
+
+
+def test_bank_targets_match_zones_softly_and_ids_exactly():
+    from scripts.networks.tmca import bank_targets
+
+    bank_ids = torch.tensor([[1, 2, 3, 0], [1, 4, 0, 0], [5, 6, 7, 8]])
+    bank_mask = (bank_ids > 0).long()
+    bank_flags = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    ids = torch.tensor([[1, 2, 3, 0], [9, 9, 0, 0], [5, 6, 7, 8]])
+    mask = (ids > 0).long()
+    exact = bank_targets(ids, mask, None, bank_ids, bank_mask, bank_flags)
+    assert exact[0].argmax() == 0 and exact[0, 0] > 0.99 and exact[1].sum() == 0 and exact[2].argmax() == 2
+    # sample 1 (unknown words) names zone 0: bank 0 (J = 1) first, bank 1 (J = 1/2) next, bank 2 (J = 0) last
+    flags = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    soft = bank_targets(ids, mask, flags, bank_ids, bank_mask, bank_flags)
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(3))
+    assert soft[1, 0] > soft[1, 1] > soft[1, 2] > 0
+    assert soft[2].argmax() == 2  # no zone flags: exact ids
+
+
+def test_report_bank_is_filled_at_start_and_replaces_the_batch_as_candidates(tokens):
+    from scripts.engine import ReportBank
+    from scripts.transforms import TokenizeReport
+
+    torch.manual_seed(0)
+    net = TMCA(report_bank=True, enhancement=False).train()
+    datalist = [{"report": r} for r in ["lower left lung.", "upper right lung.", "lower left lung.", "all left lung.",
+                                        "middle right lung."]]
+    ReportBank(net, datalist, TokenizeReport())()
+    assert net.bank_ids.shape[0] == 4 and "bank_ids" not in net.state_dict()  # rebuilt, never saved
+    out = net(torch.rand(*IMAGE), *tokens)
+    assert out["bank_targets"].shape == (4, 4) and len(out["align_bank"]) == 4
+    with_bank = TMCALoss()(out, lesion_masks(4))
+    without = TMCALoss()({k: v for k, v in out.items() if k not in ("align_bank", "bank_targets")}, lesion_masks(4))
+    assert not torch.isclose(with_bank["loss_align_s32"], without["loss_align_s32"])
+    with_bank["loss"].backward()
+    assert net.align_text["32"].key.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="no report"):
+        ReportBank(net, [{"image": "x"}], TokenizeReport())()
+
+
+def test_train_config_with_the_report_bank_runs(demo_dir, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(
+        config_file=config("train.yaml"), meta_file=config("metadata.json"), workflow_type="train",
+        bundle_root=str(tmp_path), dataset_dir=str(demo_dir), **FAST,
+        **{"network_def#report_bank": True, "prepare_batch#text_keys": {"text_ids": "report_ids",
+                                                                        "text_mask": "report_mask", "zones": "zones"}},
+    )
+    wf.initialize()
+    wf.run()
+    net = wf.parser.get_parsed_content("network_def")
+    assert net.report_bank and net.bank_ids is not None and net.bank_ids.shape[0] > 1
+    wf.finalize()

@@ -22,6 +22,8 @@ def alignment_loss(
     present: torch.Tensor,
     temperature: float = 0.07,
     target_sensitive: bool = True,
+    bank: torch.Tensor | None = None,
+    bank_targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target-sensitive contrastive alignment of one level (TMCA parts 1 and 2).
 
@@ -40,6 +42,9 @@ def alignment_loss(
         present: B bool, False where the report is missing.
         temperature: τ of the cosine logits.
         target_sensitive: False pools over the whole image and drops the background negative (ablation of part 1).
+        bank: K×d embeddings of a report bank (every distinct training report); with it, image → report runs over
+            the bank with ``bank_targets`` as soft targets instead of over the batch's reports.
+        bank_targets: B×K soft targets (rows sum to 1; an all-zero row takes no part).
 
     Returns:
         ``(image_to_text, text_to_image)`` losses, zero when fewer than one sample takes part.
@@ -60,7 +65,13 @@ def alignment_loss(
     hard = None
     if background is not None:
         hard = (F.normalize(background, dim=1) * t).sum(dim=1, keepdim=True) / temperature
-    return symmetric_batch_nce(logits, group, valid, hard)
+    image_to_text, text_to_image = symmetric_batch_nce(logits, group, valid, hard)
+    if bank is not None and bank_targets is not None:
+        bank_logits = F.normalize(target, dim=1) @ F.normalize(bank, dim=1).T / temperature
+        per_row = -(bank_targets.to(bank_logits.dtype) * bank_logits.log_softmax(dim=1)).sum(dim=1)
+        rows = (valid & (bank_targets.sum(dim=1) > 0)).to(per_row.dtype)
+        image_to_text = (per_row * rows).sum() / rows.sum().clamp_min(1.0)
+    return image_to_text, text_to_image
 
 
 LEVEL_REDUCTIONS = ("sum", "mean")
@@ -130,9 +141,11 @@ class TMCALoss(nn.Module):
             return terms
         target = target.to(pred["pred"].dtype)
         align = pred["pred"].new_zeros(())
-        for stride, image, text in zip(pred["align_strides"], pred["align_image"], pred["align_text"]):
+        banks = pred.get("align_bank") or [None] * len(pred["align_strides"])
+        for stride, image, text, bank in zip(pred["align_strides"], pred["align_image"], pred["align_text"], banks):
             i2t, t2i = alignment_loss(
-                image, text, target, pred["text_group"], pred["text_present"], self.temperature, self.target_sensitive
+                image, text, target, pred["text_group"], pred["text_present"], self.temperature, self.target_sensitive,
+                bank, pred.get("bank_targets"),
             )
             level = (i2t + t2i) / 2
             terms[f"loss_align_s{stride}"] = level

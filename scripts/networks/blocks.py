@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "TextProjector", "TokenPool", "GuideLayer", "PixelLevelAttention", "cross_attention_kernel", "sincos_positions",
-    "ReportText", "TrainingOutput", "report_groups", "report_bookkeeping", "with_fallback_token",
+    "ReportText", "TrainingOutput", "report_groups", "report_bookkeeping", "with_fallback_token", "zone_flags",
 ]
 
 
@@ -43,6 +43,13 @@ def with_fallback_token(valid: torch.Tensor) -> torch.Tensor:
     attention and max over the row stay finite. Such rows belong to samples without a report: the losses give
     them zero weight, and finite values keep them in the graph without NaN gradients."""
     return valid | ~valid.any(dim=1, keepdim=True)
+
+
+def zone_flags(zones: torch.Tensor) -> torch.Tensor:
+    """B×6 bool, the lung zones a ``ReportZonesd`` raster (B×1×X×Y, 1 + side·3 + level inside each named zone, 0
+    elsewhere) names, in the order of ``scripts.zones.report_zones(...).reshape(-1)``; no host sync."""
+    codes = torch.arange(1, 7, device=zones.device, dtype=zones.dtype)
+    return (zones.flatten(1)[:, :, None] == codes).any(dim=1)
 
 
 @dataclass

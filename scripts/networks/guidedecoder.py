@@ -162,16 +162,36 @@ class GuideDecoder(nn.Module):
         their own loss terms return their :class:`TrainingOutput`."""
         return pred
 
+    def read_zones(self, text: ReportText, zones: torch.Tensor | None, text_ids: torch.Tensor | None,
+                   shape: tuple[int, int]) -> None:
+        """Hook for the networks that read the lung zones a report names (SSA's guidance, TMCA's report bank):
+        they put what they need into ``text.aux``. GuideDecoder does not read them.
+
+        Args:
+            text: the batch's reports.
+            zones: B×1×H'×W' zone raster of ``ReportZonesd``, or None.
+            text_ids: B×L token ids, or None.
+            shape: H×W of the image.
+        """
+
     def forward(
-        self, image: torch.Tensor, text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
+        self,
+        image: torch.Tensor,
+        text_ids: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        zones: torch.Tensor | None = None,
     ) -> torch.Tensor | TrainingOutput:
         """
         Args:
             image: B×C×H×W, H and W divisible by 32.
             text_ids: B×L report token ids, or None for image-only use.
             text_mask: B×L attention mask (1 token, 0 padding); an all-zero row means "no report".
+            zones: B×1×H'×W' zone raster of ``ReportZonesd`` (0 outside the named zones, 1 + side·3 + level inside;
+                all 0 for a report that names none), for the subclasses that read it (:meth:`read_zones`).
 
         Returns:
             B×out_channels×H×W logits (in ``train()`` mode, subclasses return their training output).
         """
-        return self.segment(image, self.encode_text(text_ids, text_mask, image.shape[0], image.device))
+        text = self.encode_text(text_ids, text_mask, image.shape[0], image.device)
+        self.read_zones(text, zones, text_ids, tuple(image.shape[2:]))
+        return self.segment(image, text)

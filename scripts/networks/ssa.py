@@ -365,28 +365,13 @@ class SSA(GuideDecoder):
         """The :class:`SSAOutput`: the logits, the report bookkeeping and what the stages added."""
         return SSAOutput(pred=pred, text_present=text.present, text_group=text.group, **text.aux)
 
-    def forward(
-        self,
-        image: torch.Tensor,
-        text_ids: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
-        zones: torch.Tensor | None = None,
-    ) -> torch.Tensor | SSAOutput:
-        """
-        Args:
-            image: B×C×H×W, H and W divisible by 32.
-            text_ids: B×L report token ids, or None for image-only use.
-            text_mask: B×L attention mask (1 token, 0 padding); an all-zero row means "no report".
-            zones: B×1×H'×W' zone raster of ``ReportZonesd`` (0 outside the named zones, 1 + side·3 + level inside;
-                all 0 for a report that names none), or None: the zones of the decoded reports.
-
-        Returns:
-            B×out_channels×H×W logits in eval mode; an :class:`SSAOutput` in train mode.
-        """
-        text = self.encode_text(text_ids, text_mask, image.shape[0], image.device)
-        if self.zone_guidance is not None and text.states is not None:
-            if zones is not None:
-                text.aux["guidance"], text.aux["guided"] = guidance_from_zones(zones)
-            else:
-                text.aux["guidance"], text.aux["guided"] = self.zone_guidance(text_ids, text.mask, tuple(image.shape[2:]))
-        return self.segment(image, text)
+    def read_zones(self, text: ReportText, zones: torch.Tensor | None, text_ids: torch.Tensor | None,
+                   shape: tuple[int, int]) -> None:
+        """The guidance mask: from the batch's zone raster, or, without one (MONAI Label), from the decoded
+        token ids (:class:`ZoneGuidance`)."""
+        if self.zone_guidance is None or text.states is None:
+            return
+        if zones is not None:
+            text.aux["guidance"], text.aux["guided"] = guidance_from_zones(zones)
+        else:
+            text.aux["guidance"], text.aux["guided"] = self.zone_guidance(text_ids, text.mask, shape)

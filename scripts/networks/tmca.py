@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scripts.networks.blocks import ReportText, TokenPool, TrainingOutput, sincos_positions
+from scripts.networks.blocks import ReportText, TokenPool, TrainingOutput, report_bookkeeping, sincos_positions, zone_flags
 from scripts.networks.guidedecoder import STRIDES, GuideDecoder
 
-__all__ = ["TMCA", "TMCAOutput", "TargetEnhancement", "AlignedEnhancement", "ENHANCEMENT_SPACES"]
+__all__ = [
+    "TMCA", "TMCAOutput", "TMCABankOutput", "TargetEnhancement", "AlignedEnhancement", "ENHANCEMENT_SPACES", "bank_targets",
+]
 
 ENHANCEMENT_SPACES = ("feature", "aligned")
 POSITION_CHANNELS = 32  # width of the sin-cos position map added to the alignment embeddings (alignment_position)
@@ -131,6 +133,58 @@ class TMCAOutput(TrainingOutput):
     target_maps: list[torch.Tensor]
 
 
+class TMCABankOutput(TMCAOutput, total=False):
+    """With a report bank (``TMCA(report_bank=True)`` and :meth:`TMCA.set_report_bank`), also:
+
+    - ``align_bank``: per alignment level, K×d embeddings of the bank's K distinct reports;
+    - ``bank_targets``: B×K soft targets of each sample over the bank (rows sum to 1; all 0 for a sample with no
+      match, which then takes no part in the bank term).
+    """
+
+    align_bank: list[torch.Tensor]
+    bank_targets: torch.Tensor
+
+
+def bank_targets(
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    flags: torch.Tensor | None,
+    bank_ids: torch.Tensor,
+    bank_mask: torch.Tensor,
+    bank_flags: torch.Tensor,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """Soft targets of each sample over a report bank: ``softmax_j(J_ij / temperature)`` over the Jaccard overlap
+    ``J`` of the lung zones the sample's report and bank report j name, so that reports naming the same zones in
+    other words (a rephrasing, another word order) are positives and reports naming some of them are near ones.
+
+    A sample whose zones are unknown (``flags`` None or all False) is matched by its token ids alone; a sample
+    with neither a zone nor an exact match gets an all-zero row (no part in the bank term).
+
+    Args:
+        text_ids, text_mask: B×L the batch's reports.
+        flags: B×6 bool zones of the batch's reports (:func:`scripts.networks.blocks.zone_flags`), or None.
+        bank_ids, bank_mask: K×L the bank's reports.
+        bank_flags: K×6 bool their zones.
+        temperature: of the softmax over J ∈ [0, 1].
+
+    Returns:
+        B×K float.
+    """
+    keyed = text_ids.long() * text_mask.long()
+    bank_keyed = bank_ids.long() * bank_mask.long()
+    exact = (keyed[:, None, :] == bank_keyed[None]).all(dim=2)  # B×K
+    overlap = exact.float()
+    if flags is not None:
+        f, g = flags.float(), bank_flags.float()
+        inter = f @ g.T
+        union = f.sum(1, keepdim=True) + g.sum(1)[None] - inter
+        jaccard = inter / union.clamp_min(1.0)
+        overlap = torch.where(flags.any(dim=1, keepdim=True), jaccard, overlap)
+    has = overlap.amax(dim=1, keepdim=True) > 0
+    return torch.softmax(overlap / temperature, dim=1) * has
+
+
 class TMCA(GuideDecoder):
     """TMCA segmentation network: image + optional report → B×1×H×W logits.
 
@@ -162,6 +216,9 @@ class TMCA(GuideDecoder):
             space, so that the masked mean (the target embedding) keeps where the lesion lies.
         alignment_detach: encoder strides whose features reach the alignment heads without gradient (the
             contrastive loss then trains the heads there, not the encoder).
+        report_bank: contrast each target embedding against every distinct report of the training set (the bank
+            :meth:`set_report_bank` fills, ``scripts.engine.ReportBank`` at the start of training) with zone-overlap
+            soft targets, rather than against the batch's reports only.
     """
 
     def __init__(
@@ -182,6 +239,7 @@ class TMCA(GuideDecoder):
         enhancement_alpha_init: float | None = None,
         alignment_position: bool = False,
         alignment_detach: Sequence[int] = (),
+        report_bank: bool = False,
     ) -> None:
         # guidance at every stride, stride 4 included: "text guidance onto low-level image features"
         super().__init__(
@@ -221,10 +279,34 @@ class TMCA(GuideDecoder):
             # linear, so it commutes with the masked mean: the target embedding is the projected pooled feature
             self.align_image = nn.ModuleDict({str(s): nn.Conv2d(ch[s], embed_dim, 1) for s in self.head_levels})
             self.align_text = nn.ModuleDict({str(s): TokenPool(d_text, embed_dim) for s in self.head_levels})
+        self.report_bank = bool(report_bank) and bool(self.alignment_levels)
+        # filled at the start of training (set_report_bank); not saved: the bank is rebuilt from the datalist
+        self.register_buffer("bank_ids", None, persistent=False)
+        self.register_buffer("bank_mask", None, persistent=False)
+        self.register_buffer("bank_flags", None, persistent=False)
         if self.head_levels and alignment_position:
             self.align_position = nn.ModuleDict(
                 {str(s): nn.Conv2d(POSITION_CHANNELS, embed_dim, 1, bias=False) for s in self.head_levels}
             )
+
+    def set_report_bank(self, ids: torch.Tensor, mask: torch.Tensor, flags: torch.Tensor) -> None:
+        """The bank of distinct reports the alignment contrasts against (``report_bank``).
+
+        Args:
+            ids, mask: K×L token ids and attention masks.
+            flags: K×6 bool, the lung zones each names (``scripts.zones.report_zones(...).reshape(-1)``).
+        """
+        device = next(self.parameters()).device
+        self.bank_ids, self.bank_mask = ids.to(device), mask.to(device).bool()
+        self.bank_flags = flags.to(device).bool()
+
+    def read_zones(self, text: ReportText, zones: torch.Tensor | None, text_ids: torch.Tensor | None,
+                   shape: tuple[int, int]) -> None:
+        """The report bank's soft targets read the batch's zones (and its token ids); None: ids only."""
+        if zones is not None:
+            text.aux["zone_flags"] = zone_flags(zones)
+        if text_ids is not None:
+            text.aux["text_ids"] = text_ids
 
     def align_pixels(self, stride: int, x: torch.Tensor) -> torch.Tensor:
         """B×C×h×w features of ``stride`` → B×d×h×w in the alignment space (with the position term when on)."""
@@ -261,7 +343,7 @@ class TMCA(GuideDecoder):
         and the enhancement maps the stages collected."""
         b, levels = pred.shape[0], self.alignment_levels
         detach = self.alignment_detach
-        return TMCAOutput(
+        out = TMCAOutput(
             pred=pred,
             text_present=text.present,
             text_group=text.group,
@@ -270,6 +352,16 @@ class TMCA(GuideDecoder):
             align_text=[self.align_report(s, text, b) for s in levels],
             target_maps=text.aux.get("target_maps", []),
         )
+        if self.report_bank and self.bank_ids is not None and text.states is not None:
+            k = self.bank_ids.shape[0]
+            states, mask = self.text_encoder(self.bank_ids, self.bank_mask)
+            bank = ReportText(states, mask, *report_bookkeeping(self.bank_ids, mask, k, mask.device))
+            out["align_bank"] = [self.align_report(s, bank, k) for s in levels]
+            out["bank_targets"] = bank_targets(
+                text.aux["text_ids"], text.mask, text.aux.get("zone_flags"), self.bank_ids, self.bank_mask,
+                self.bank_flags,
+            )
+        return out
 
     @torch.no_grad()
     def alignment_embeddings(
