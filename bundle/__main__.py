@@ -121,10 +121,11 @@ def _zones_check(args: argparse.Namespace) -> int:
 
 
 def _results(args: argparse.Namespace) -> int:
-    from bundle.results import results_table
+    from bundle.results import results_table, seed_table
 
     try:
-        print(results_table(args.metrics, baseline=args.baseline))
+        table = seed_table if args.seeds else results_table
+        print(table(args.metrics, baseline=args.baseline))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -275,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     zc.set_defaults(func=_zones_check)
     rs = sub.add_parser("results", help="markdown table of evaluation metrics.json files (docs/results.md)")
     rs.add_argument("metrics", nargs="+", help="<run>/eval_val/metrics.json files, e.g. runs/qata/*_1ep/eval_val/metrics.json")
-    rs.add_argument("--baseline", help="a run name: adds each row's dice_mean difference to it")
+    rs.add_argument("--baseline", help="a run (with --seeds: a row) name: adds each row's dice_mean difference to it")
+    rs.add_argument("--seeds", action="store_true",
+                    help="runs named <row>_s<seed>: one row each, mean ± sd over seeds and the per-seed Dice")
     rs.set_defaults(func=_results)
     ft = sub.add_parser("freetext", help="held-out free-text and no-report copies of a datalist's validation split")
     ft.add_argument("datalist", help="the datalist JSON; the copies are written beside it")

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+import re
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["COLUMNS", "load_metrics", "results_table"]
+__all__ = ["COLUMNS", "load_metrics", "results_table", "seed_table"]
+
+_SEED_RE = re.compile(r"^(?P<row>.+)_s(?P<seed>\d+)$")
 
 # metric key in metrics.json -> column name in docs/results.md
 COLUMNS = {
@@ -48,5 +53,56 @@ def results_table(paths: Iterable[str | Path], baseline: str | None = None) -> s
         cells = [name, *(f"{m[k]:.4f}" for k in COLUMNS)]
         if baseline:
             cells.append(f"{m['val_dice_mean'] - rows[baseline]['val_dice_mean']:+.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _row_and_seed(run: str) -> tuple[str, int]:
+    m = _SEED_RE.match(run)
+    if m is None:
+        raise ValueError(f"run {run!r} is not named <row>_s<seed>")
+    return m["row"], int(m["seed"])
+
+
+def seed_table(paths: Iterable[str | Path], baseline: str | None = None) -> str:
+    """A markdown table over seeds: one row per ``<row>`` of runs named ``<row>_s<seed>`` (the folder above each
+    ``eval_val``), every metric as mean ± sd over its seeds (sample sd; 0 seeds of spread shows ±0), then the
+    per-seed ``dice_mean`` values in seed order, best mean Dice first.
+
+    Args:
+        paths: metrics.json files of runs named ``<row>_s<seed>``.
+        baseline: a row name; adds the difference of each row's mean ``dice_mean`` to the baseline's, and how many
+            of the seeds both rows share the row is ahead in.
+    """
+    rows: dict[str, dict[int, dict[str, float]]] = {}
+    for p in paths:
+        row, seed = _row_and_seed(Path(p).parent.parent.name)
+        if seed in rows.setdefault(row, {}):
+            raise ValueError(f"{p}: seed {seed} of {row} given twice")
+        rows[row][seed] = load_metrics(p)
+    if baseline is not None and baseline not in rows:
+        raise ValueError(f"baseline {baseline!r} is not among the rows: {', '.join(sorted(rows))}")
+
+    def mean_sd(values: list[float]) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.4f} ± {sd:.4f}"
+
+    def dice(row: str) -> float:
+        return statistics.fmean(m["val_dice_mean"] for m in rows[row].values())
+
+    head = ["row", "seeds", *COLUMNS.values(), "dice_mean per seed"]
+    if baseline:
+        head += [f"Δ dice_mean vs {baseline}", "seeds ahead"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in sorted(rows, key=lambda r: -dice(r)):
+        seeds = sorted(rows[row])
+        cells = [row, str(len(seeds))]
+        cells += [mean_sd([rows[row][s][k] for s in seeds if not math.isnan(rows[row][s][k])] or [math.nan])
+                  for k in COLUMNS]
+        cells.append(", ".join(f"s{s} {rows[row][s]['val_dice_mean']:.4f}" for s in seeds))
+        if baseline:
+            shared = sorted(set(seeds) & set(rows[baseline]))
+            ahead = sum(rows[row][s]["val_dice_mean"] > rows[baseline][s]["val_dice_mean"] for s in shared)
+            cells += [f"{dice(row) - dice(baseline):+.4f}", f"{ahead}/{len(shared)}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
