@@ -3,10 +3,12 @@
 - ``report``: report text → tokens, report dropout, clinical rephrasing, the side-aware flip.
 - ``geometry``: the image's channel count, a 2D slice or slab from a volume.
 - ``zones``: the raster of the lung zones a report names.
+- ``checks``: input checks that name the file (non-finite pixels).
 
 Writing outputs is not here: ``scripts.outputs``.
 """
 
+from scripts.transforms.checks import CheckFinite, CheckFinited
 from scripts.transforms.geometry import SelectSlab, SelectSlabd, ToChannels, ToChannelsd
 from scripts.transforms.report import (
     RandDropReportd,
@@ -30,4 +32,6 @@ __all__ = [
     "ToChannelsd",
     "SelectSlab",
     "SelectSlabd",
+    "CheckFinite",
+    "CheckFinited",
 ]

@@ -17,6 +17,7 @@ from monai.transforms import Flipd, MapTransform, RandomizableTransform, Transfo
 
 from scripts.phrasing import clinical_phrasing
 from scripts.text import resolve_text_encoder_dir
+from scripts.transforms.utils import sample_name
 from scripts.zones import report_zones
 
 __all__ = [
@@ -137,15 +138,15 @@ class TokenizeReportd(MapTransform):
         for key in self.keys:
             text = d.get(key)
             if key not in d and self.absent_report_image_only and not self.allow_missing_report:
-                logger.warning("sample %s has no '%s' key: an image-only sample", _sample_name(d), key)
+                logger.warning("sample %s has no '%s' key: an image-only sample", sample_name(d), key)
                 text = ""
             elif text is None or (isinstance(text, str) and not text.strip()):
                 if not self.allow_missing_report:
                     state = "missing" if text is None else "empty"
-                    raise ValueError(f"report '{key}' is {state} for sample {_sample_name(d)}")
+                    raise ValueError(f"report '{key}' is {state} for sample {sample_name(d)}")
                 text = ""
             if not isinstance(text, str):
-                raise TypeError(f"report '{key}' of sample {_sample_name(d)} is {type(text).__name__}, not text")
+                raise TypeError(f"report '{key}' of sample {sample_name(d)} is {type(text).__name__}, not text")
             d[key] = text  # keep the key, so batches of reported and unreported samples collate
             d[f"{key}{self.ids_suffix}"], d[f"{key}{self.mask_suffix}"] = self.tokenize(text)
         return d
@@ -300,14 +301,3 @@ class RandRephraseReportd(RandomizableTransform, MapTransform):
                     d[f"{key}_ids"], d[f"{key}_mask"] = self.tokenize(new)
                     break
         return d
-
-
-def _sample_name(d: Mapping) -> str:
-    for key in ("id", "image"):
-        value = d.get(key)
-        if isinstance(value, (str, os.PathLike)):
-            return str(value)
-        meta = getattr(value, "meta", None)
-        if meta and "filename_or_obj" in meta:
-            return str(meta["filename_or_obj"])
-    return "<unnamed>"

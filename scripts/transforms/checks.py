@@ -1,0 +1,58 @@
+"""Input checks that turn a silently wrong result into an error naming the file (array/dictionary pair)."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Transform
+
+from scripts.transforms.utils import source_name
+
+__all__ = ["CheckFinite", "CheckFinited"]
+
+
+class CheckFinite(Transform):
+    """Raises ``ValueError`` when an array holds NaN or ±Inf, and passes it through otherwise.
+
+    One NaN pixel turns the loss NaN and, a step later, every weight; at inference it gives an all-background mask
+    without a word. Checking where the file is read names the culprit.
+
+    Args:
+        name: what the error calls the array (a file name).
+    """
+
+    def __call__(self, img: Any, name: str = "the input") -> Any:
+        t = torch.as_tensor(img)
+        if t.is_floating_point() or t.is_complex():
+            bad = ~torch.isfinite(t)
+            if bad.any():
+                nan = int(torch.isnan(t).sum())
+                raise ValueError(
+                    f"{name}: {int(bad.sum())} of {t.numel()} values are not finite ({nan} NaN, "
+                    f"{int(bad.sum()) - nan} ±Inf); fix or exclude the file"
+                )
+        return img
+
+
+class CheckFinited(MapTransform):
+    """Dictionary version of :class:`CheckFinite`: the error names the file each key was read from.
+
+    Place it right after ``LoadImaged``, while the arrays still carry their file names.
+
+    Args:
+        keys: the image (and label) keys to check.
+        allow_missing_keys: don't raise for a missing key.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.check = CheckFinite()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            self.check(d[key], name=f"{source_name(d, key)} ({key})")
+        return d

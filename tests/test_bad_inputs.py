@@ -1,0 +1,156 @@
+"""The bad-input matrix (issue 20): each row is an input a PACS export, a research folder or a typo can contain,
+the command path it goes through, and what it must get — an error that names the file and the problem, or a
+logged, counted skip. Never a silent wrong result."""
+
+import json
+import logging
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, config
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+
+def _nifti(path, value=None, where=(3, 4)):
+    data = np.random.rand(64, 64).astype(np.float32)
+    if value is not None:
+        data[where] = value
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    return path
+
+
+def _mask(path):
+    data = np.zeros((64, 64), dtype=np.float32)
+    data[10:30, 10:30] = 1
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    return path
+
+
+def _dataset(tmp_path, bad_image=None, bad_label=None):
+    """A 6-sample NIfTI data set; sample 2's image or label holds the given non-finite value."""
+    entries = []
+    for i in range(6):
+        image = _nifti(tmp_path / f"img{i}.nii.gz", bad_image if i == 2 else None)
+        label = _mask(tmp_path / f"seg{i}.nii.gz")
+        if i == 2 and bad_label is not None:
+            data = np.asarray(nib.load(label).dataobj).copy()
+            data[0, 0] = bad_label
+            nib.save(nib.Nifti1Image(data, np.eye(4)), label)
+        entries.append({"id": f"s{i}", "image": image.name, "label": label.name, "report": "lower left lung."})
+    (tmp_path / "datalist.json").write_text(
+        json.dumps({"training": entries[:4], "validation": entries[4:], "test": entries[:3]})
+    )
+    return tmp_path
+
+
+def _train(root, data):
+    wf = ConfigWorkflow(
+        config_file=config("train.yaml"), meta_file=config("metadata.json"), workflow_type="train",
+        bundle_root=str(root), dataset_dir=str(data), **FAST,
+    )
+    wf.initialize()
+    wf.run()
+
+
+def _infer(root, data):
+    from conftest import BUNDLE_ROOT
+
+    wf = ConfigWorkflow(
+        config_file=config("inference.yaml"), meta_file=config("metadata.json"), workflow_type="infer",
+        bundle_root=str(BUNDLE_ROOT), dataset_dir=str(data), output_dir=str(root / "out"),
+    )
+    wf.initialize()
+    wf.run()
+
+
+# input | command path | expected error text (the file and the problem)
+MATRIX = [
+    pytest.param({"bad_image": np.nan}, _train, r"img2\.nii\.gz \(image\): 1 of 4096 values are not finite \(1 NaN",
+                 id="nan-pixel-train"),
+    pytest.param({"bad_image": np.inf}, _train, r"img2\.nii\.gz \(image\): 1 of 4096 values are not finite \(0 NaN, 1",
+                 id="inf-pixel-train"),
+    pytest.param({"bad_label": np.nan}, _train, r"seg2\.nii\.gz \(label\): 1 of 4096 values are not finite",
+                 id="nan-label-train"),
+    pytest.param({"bad_image": np.nan}, _infer, r"img2\.nii\.gz \(image\): 1 of 4096 values are not finite",
+                 id="nan-pixel-infer"),
+]
+
+
+def _messages(exc: BaseException) -> str:
+    """The messages of an exception and of every exception it was raised from (MONAI's config instantiation and
+    datasets wrap the original error)."""
+    out, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        out.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(out)
+
+
+@pytest.mark.parametrize("case, command, expected", MATRIX)
+def test_bad_input_gets_an_error_naming_the_file(case, command, expected, tmp_path):
+    (tmp_path / "data").mkdir()
+    data = _dataset(tmp_path / "data", **case)
+    with pytest.raises(Exception) as info:
+        command(tmp_path / "root", data)
+    assert re.search(expected, _messages(info.value)), _messages(info.value)
+
+
+def _engine(network, loss_values, optimizer):
+    """A MONAI SupervisedTrainer whose loss takes the given values in turn (NaN for a broken step)."""
+    from monai.engines import SupervisedTrainer
+
+    from scripts.guards import FiniteWeightsGuard, NonFiniteLossGuard
+
+    values = iter(loss_values)
+
+    def loss(pred, target):
+        return pred.mean() * 0 + next(values)
+
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=[{"image": torch.rand(2, 3), "label": None}] *
+        len(loss_values), network=network, optimizer=optimizer, loss_function=loss,
+        prepare_batch=lambda b, d, nb, **k: (b["image"], torch.zeros(2, 2)), decollate=False,
+    )
+    NonFiniteLossGuard(max_consecutive=3, log_every=2).attach(trainer)
+    FiniteWeightsGuard(network).attach(trainer)
+    return trainer
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adamw-on-device", "plain-sgd-host-check"])
+def test_a_nan_loss_skips_its_step_and_is_counted(fused, caplog):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, fused=True) if fused else torch.optim.SGD(net.parameters(), 0.1)
+    before = [p.detach().clone() for p in net.parameters()]
+    trainer = _engine(net, [float("nan"), float("nan")], opt)
+    with caplog.at_level(logging.WARNING, logger="scripts.guards"):
+        trainer.run()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # no NaN reached the weights
+    assert "2 training iteration(s) skipped for a non-finite loss" in caplog.text
+    net2 = torch.nn.Linear(3, 2)
+    _engine(net2, [1.0, float("nan"), 1.0], torch.optim.AdamW(net2.parameters(), lr=0.1, fused=True)).run()
+    assert all(torch.isfinite(p).all() for p in net2.parameters())
+
+
+def test_too_many_nan_losses_in_a_row_stop_the_run():
+    net = torch.nn.Linear(3, 2)
+    trainer = _engine(net, [float("nan")] * 4, torch.optim.AdamW(net.parameters(), lr=0.1, fused=True))
+    with pytest.raises(RuntimeError, match="iterations in a row had a non-finite loss"):
+        trainer.run()
+
+
+def test_non_finite_weights_stop_the_run_before_anything_is_saved(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")
+    trainer = _engine(net, [1.0], torch.optim.SGD(net.parameters(), 0.0))
+    saved = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: saved.append(e.state.epoch))  # as the savers
+    with pytest.raises(RuntimeError, match=r"epoch 1: 1 weight tensor\(s\) are not finite \(first: weight\)"):
+        trainer.run()
+    assert saved == []  # handlers attached after the guard (the savers) never ran
