@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,11 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 from monai.engines import IterationEvents, PrepareBatch, SupervisedEvaluator, SupervisedTrainer
-from monai.handlers import CheckpointLoader, MLFlowHandler
+from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler
 from monai.utils import CommonKeys as Keys
 
+from scripts.io import atomic_torch_save
 from scripts.precision import Autocast
 from scripts.zones import report_zones
 
@@ -34,6 +37,7 @@ __all__ = [
     "loss_terms",
     "every_n_iterations",
     "latest_checkpoint",
+    "AtomicCheckpointSaver",
 ]
 
 logger = logging.getLogger(__name__)
@@ -334,8 +338,20 @@ def loss_terms(output: Any, prefix: str = "") -> dict[str, float]:
 _EPOCH_RE = re.compile(r"(\d+)\.pt$")
 
 
+def _is_complete(path: Path) -> bool:
+    """Whether a ``torch.save`` file is whole: its zip archive opens and every member's CRC checks out."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> str:
-    """Path of the newest ``<prefix>*<epoch>.pt`` training checkpoint in ``ckpt_dir``, for resuming.
+    """Path of the newest complete ``<prefix>*<epoch>.pt`` training checkpoint in ``ckpt_dir``, for resuming.
+
+    A newer file that is truncated or corrupt (a crash while it was written by an older version of this bundle, a
+    full disk) is skipped with a warning naming it, and the previous one is taken.
 
     Raises:
         FileNotFoundError: when there is none, naming the folder.
@@ -343,7 +359,53 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -
     found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob(f"{prefix}*.pt") if (m := _EPOCH_RE.search(p.name))]
     if not found:
         raise FileNotFoundError(f"no '{prefix}*.pt' training checkpoint to resume from in {ckpt_dir}")
-    return str(max(found)[1])
+    for _, path in sorted(found, reverse=True):
+        if _is_complete(path):
+            return str(path)
+        logger.warning("resume: %s is truncated or corrupt; skipped", path)
+    raise FileNotFoundError(f"every '{prefix}*.pt' training checkpoint in {ckpt_dir} is truncated or corrupt")
+
+
+class _AtomicDiskSaver(DiskSaver):
+    """ignite's ``DiskSaver`` that writes whole files only (:func:`scripts.io.atomic_torch_save`) and removes
+    the files it replaces only after the new one is on disk.
+
+    ignite removes an older checkpoint before it writes the newer one, and MONAI's saver writes in place: a kill in
+    between leaves no checkpoint, or a truncated one.
+
+    Args:
+        dirname: the folder.
+        filename: a fixed file name (``model.pt``), or None for ignite's names.
+    """
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
+        super().__init__(dirname=dirname, require_empty=False, atomic=False)
+        self.filename = filename
+        self._pending: list[str] = []
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        name = self.filename or filename
+        atomic_torch_save(checkpoint, Path(self.dirname) / name)
+        for old in self._pending:
+            if old != name:
+                (Path(self.dirname) / old).unlink(missing_ok=True)
+        self._pending = []
+
+    def remove(self, filename: str) -> None:
+        self._pending.append(self.filename or filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) whose files are written whole or not at all: a temporary file,
+    fsynced, renamed; the checkpoint it replaces is deleted only after the new one is complete. A kill at any
+    moment leaves the previous ``model.pt`` and the previous training checkpoint loadable."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                old = checkpoint.save_handler
+                checkpoint.save_handler = _AtomicDiskSaver(old.dirname, getattr(old, "filename", None))
 
 
 class ResumeLoader(CheckpointLoader):

@@ -4,26 +4,52 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
-__all__ = ["atomic_write_text"]
+import torch
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save"]
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Writes ``text`` to ``path`` atomically; a crash leaves the old file (or none), never a truncated one.
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], mode: int = 0o644) -> Path:
+    """Writes ``path`` atomically with ``write(binary_file)``: a crash (even SIGKILL) leaves the old file (or
+    none), never a truncated one.
 
-    The temporary name is unique per call, so concurrent writers never share it; the last rename wins.
+    The temporary name is unique per call, so concurrent writers never share it; the last rename wins. The file
+    gets ``mode`` (``mkstemp`` would leave it readable by its owner only) and the folder is fsynced after the
+    rename, so the new name survives a power cut too.
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
-        with os.fdopen(fd, "w", encoding=encoding) as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    try:
+        dir_fd = os.open(dest.parent, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened (some platforms): the rename is still atomic
+        return dest
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return dest
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Writes ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(text.encode(encoding)))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)``, atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))

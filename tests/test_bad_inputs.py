@@ -154,3 +154,67 @@ def test_non_finite_weights_stop_the_run_before_anything_is_saved(tmp_path):
     with pytest.raises(RuntimeError, match=r"epoch 1: 1 weight tensor\(s\) are not finite \(first: weight\)"):
         trainer.run()
     assert saved == []  # handlers attached after the guard (the savers) never ran
+
+
+def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one(tmp_path):
+    """SIGKILL in the middle of writing model.pt and checkpoint_epoch=2.pt: both previous files stay complete."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import BUNDLE_ROOT
+
+    from scripts.engine import _AtomicDiskSaver, latest_checkpoint
+
+    saver = _AtomicDiskSaver(tmp_path, "model.pt")
+    saver({"model": {"w": torch.ones(3)}}, "ignored")
+    epochs = _AtomicDiskSaver(tmp_path)
+    epochs({"epoch": 1}, "checkpoint_epoch=1.pt")
+    script = f"""
+import sys, time, torch
+sys.path.insert(0, {str(BUNDLE_ROOT)!r})
+from scripts.engine import _AtomicDiskSaver
+
+class Slow:
+    def __reduce__(self):
+        open({str(tmp_path / "writing")!r}, "w").close()
+        time.sleep(60)  # killed here, half-way through torch.save
+        return (dict, ())
+
+saver = _AtomicDiskSaver({str(tmp_path)!r}, "model.pt")
+saver.remove("model.pt")  # as ignite does before it saves
+saver({{"model": Slow()}}, "ignored")
+"""
+    for target in ("model.pt", "checkpoint_epoch=2.pt"):
+        (tmp_path / "writing").unlink(missing_ok=True)
+        code = script if target == "model.pt" else script.replace('"model.pt")', 'None)').replace(
+            'saver.remove(None)', 'saver.remove("checkpoint_epoch=1.pt")').replace('"ignored"', '"checkpoint_epoch=2.pt"')
+        proc = subprocess.Popen([sys.executable, "-c", code])
+        for _ in range(600):
+            if (tmp_path / "writing").exists():
+                break
+            time.sleep(0.05)
+        assert (tmp_path / "writing").exists(), "the writer never started"  # killed mid-write, not before
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert torch.load(tmp_path / "model.pt")["model"]["w"].tolist() == [1.0, 1.0, 1.0]
+    assert not (tmp_path / "checkpoint_epoch=2.pt").exists()
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=1.pt")
+
+
+def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, caplog):
+    from scripts.engine import latest_checkpoint
+
+    torch.save({"epoch": 1}, tmp_path / "checkpoint_epoch=1.pt")
+    torch.save({"epoch": 2, "w": torch.ones(1000)}, tmp_path / "checkpoint_epoch=2.pt")
+    data = (tmp_path / "checkpoint_epoch=2.pt").read_bytes()
+    (tmp_path / "checkpoint_epoch=2.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "checkpoint_epoch=3.pt").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="scripts.engine"):
+        assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=1.pt")
+    assert "checkpoint_epoch=3.pt is truncated or corrupt" in caplog.text
+    assert "checkpoint_epoch=2.pt is truncated or corrupt" in caplog.text
+    (tmp_path / "checkpoint_epoch=1.pt").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="every 'checkpoint\\*.pt' training checkpoint .* is truncated"):
+        latest_checkpoint(tmp_path)
