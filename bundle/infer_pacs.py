@@ -9,6 +9,7 @@ so an interrupted run keeps what it finished and a rerun on the same folders ski
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from bundle.load import BUNDLE_ROOT, bundle_parser, load_checkpoint
+from scripts.io import atomic_write_text
 from scripts.precision import Autocast
 
 logger = logging.getLogger(__name__)
@@ -170,14 +172,14 @@ def infer_pacs(
 
 
 def _write_summary(path: Path, rows: dict[str, dict]) -> None:
-    """Rewritten whole after each series (atomically), so it is never half a row."""
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows.values():
-            writer.writerow({k: row.get(k, "") for k in SUMMARY_FIELDS})
-    tmp.replace(path)
+    """Rewritten whole after each series (atomically, with a temporary name of its own per write, so that two
+    instances on one output folder never race on one temporary file), so it is never half a row."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows.values():
+        writer.writerow({k: row.get(k, "") for k in SUMMARY_FIELDS})
+    atomic_write_text(path, buffer.getvalue())
 
 
 def _root_cause(error: BaseException) -> str:

@@ -94,7 +94,23 @@ def bundle_files(root: str | os.PathLike = ".") -> list[str]:
     if listed is None:
         listed = _walked_files(root)
     # a tracked file deleted from the working tree is not shipped
-    return sorted(rel for rel in set(listed) if _shipped(rel) and (root / rel).is_file())
+    files = sorted(rel for rel in set(listed) if _shipped(rel) and (root / rel).is_file())
+    _refuse_links(root, files)
+    return files
+
+
+def _refuse_links(root: Path, files: list[str]) -> None:
+    """A symlink (tracked or walked) or a path that leaves the bundle would ship a file of the packing machine
+    (``/etc/hostname``, a user's home): refused by name."""
+    top = root.resolve()
+    for rel in files:
+        path = root / rel
+        parts = [root.joinpath(*Path(rel).parts[: i + 1]) for i in range(len(Path(rel).parts))]
+        link = next((p for p in parts if p.is_symlink()), None)
+        if link is not None:
+            raise ValueError(f"{link} is a symbolic link (to {os.readlink(link)}); a bundle ships regular files only")
+        if not path.resolve().is_relative_to(top):
+            raise ValueError(f"{rel} resolves outside the bundle ({path.resolve()})")
 
 
 def _write(zf: zipfile.ZipFile, src: Path, arcname: str) -> None:
@@ -104,6 +120,21 @@ def _write(zf: zipfile.ZipFile, src: Path, arcname: str) -> None:
     with open(src, "rb") as f, zf.open(info, "w") as dst:
         while chunk := f.read(1 << 20):
             dst.write(chunk)
+
+
+def _check_weights(root: Path) -> None:
+    """``models/model.pt`` must load with ``weights_only=True`` and fit the inference config's network strictly
+    (a user downloading the zip gets a working bundle); a file that differs from the committed one is shipped
+    with a warning."""
+    from bundle.load import bundle_parser, load_checkpoint
+
+    weights = root / "models" / "model.pt"
+    network = bundle_parser(root / "configs" / "inference.yaml", root=root).get_parsed_content("network_def")
+    load_checkpoint(network, weights)
+    committed = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "--", "models/model.pt"],
+                               capture_output=True)
+    if committed.returncode == 1:
+        logger.warning("%s differs from the committed models/model.pt; the working-tree file is packed", weights)
 
 
 def pack(
@@ -119,7 +150,9 @@ def pack(
 
     Raises:
         FileNotFoundError: without ``configs/metadata.json`` or ``models/model.pt`` (the inference config loads it).
-        ValueError: when ``models/model.pt`` is over ``max_model_mb``.
+        ValueError: when ``models/model.pt`` is over ``max_model_mb`` or is not a weights-only checkpoint, or a
+            shipped path is a symbolic link or leaves the bundle (each naming the file).
+        RuntimeError: when the weights do not fit the inference config's network (naming the file).
     """
     root = Path(root)
     metadata = json.loads((root / "configs" / "metadata.json").read_text())
@@ -130,6 +163,7 @@ def pack(
     model_mb = (root / "models" / "model.pt").stat().st_size / 1e6
     if max_model_mb is not None and model_mb > max_model_mb:
         raise ValueError(f"models/model.pt is {model_mb:.1f} MB, over the {max_model_mb} MB limit")
+    _check_weights(root)
     dest = Path(out) / f"{name}_v{version}.zip"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".zip.part")  # a failed pack never leaves a truncated zip under the final name

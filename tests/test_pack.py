@@ -122,3 +122,21 @@ def test_pack_then_download_then_run_inference_from_the_unpacked_bundle(tmp_path
     truth = np.array(Image.open(SHARED_DATA / "qata" / "masks" / REAL_IMAGE.name)) > 127
     pred = mask > 0
     assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.5
+
+
+def test_pack_refuses_symlinks_and_weights_that_do_not_fit(tmp_path):
+    """A tracked symlink to /etc/hostname once shipped the packing machine's file inside the zip (issue 20)."""
+    _small_bundle(tmp_path)
+    os.symlink("/etc/hostname", tmp_path / "docs" / "host.md")
+    with pytest.raises(ValueError, match=r"docs/host\.md is a symbolic link \(to /etc/hostname\)"):
+        bundle_files(tmp_path)
+    (tmp_path / "docs" / "host.md").unlink()
+    # the stand-in "weights" text is not a checkpoint: refused before anything is written, naming the file
+    with pytest.raises(ValueError, match=r"checkpoint .*models/model\.pt"):
+        pack(tmp_path, tmp_path / "dist")
+    assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").glob("*.zip"))
+    import torch
+
+    torch.save({"not": torch.ones(1)}, tmp_path / "models" / "model.pt")
+    with pytest.raises(RuntimeError, match=r"checkpoint .*model\.pt: does not fit TMCA"):
+        pack(tmp_path, tmp_path / "dist")
