@@ -23,6 +23,7 @@ Every problem names the file and what is wrong; with ``skip_bad`` the entry is s
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -148,9 +149,14 @@ def _folder_layout(root: Path, encoding_errors: str) -> Iterable[tuple[str | Non
     split_of: dict[str, str] = {}
     split_file = root / "split.json"
     if split_file.is_file():
-        for name, ids in json.loads(split_file.read_text()).items():
+        splits = _read_json(split_file)
+        if not isinstance(splits, dict):
+            raise DatalistError(f"{split_file}: expected an object of id lists, found {type(splits).__name__}")
+        for name, ids in splits.items():
             if name not in _SPLIT_NAMES:
                 raise DatalistError(f"{split_file}: unknown split {name!r} (use train/val/test)")
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise DatalistError(f"{split_file}: split {name!r} must be a list of id strings, found {ids!r:.60}")
             for sid in ids:
                 if sid in split_of:
                     raise DatalistError(f"{split_file}: id {sid!r} is listed twice")
@@ -173,6 +179,24 @@ def _folder_layout(root: Path, encoding_errors: str) -> Iterable[tuple[str | Non
     missing = sorted(set(split_of) - set(stems))
     if missing:
         raise DatalistError(f"{split_file}: {len(missing)} ids have no image, e.g. {missing[0]!r}")
+
+
+def _inside(base: Path, rel: str, source: str) -> Path:
+    """``base / rel``, refused when it resolves outside ``base`` (``../../etc/passwd``, an absolute path, a link
+    out): a datalist indexes the data set's own files only."""
+    path = base / rel
+    if not path.resolve().is_relative_to(base.resolve()):
+        raise DatalistError(f"{source}: {rel!r} leaves {base}")
+    return path
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DatalistError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise DatalistError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
 
 
 def _stem(p: Path) -> str:
@@ -211,8 +235,9 @@ def _lvit_layout(root: Path, encoding_errors: str) -> Iterable[tuple[str | None,
                 mask_name = str(row["Image"] or "").strip()
                 if not mask_name:
                     raise DatalistError(f"{sheet}: row {row['row']}: empty 'Image' cell")
-                label = folder / "labelcol" / mask_name
-                image = folder / "img" / mask_name
+                where = f"{sheet}: row {row['row']}"
+                label = _inside(folder / "labelcol", mask_name, where)
+                image = _inside(folder / "img", mask_name, where)
                 if not image.is_file() and mask_name.startswith("mask_"):
                     image = folder / "img" / mask_name[len("mask_") :]  # QaTa in LViT: mask_covid_1.png
                 report = _normalise(row["Description"] or "", f"{sheet}: row {row['row']} ({mask_name})")
@@ -227,8 +252,15 @@ def _csv_layout(
 ) -> Iterable[tuple[str | None, Callable[[], dict]]]:
     if not csv_path.is_file():
         raise DatalistError(f"{csv_path}: no such CSV file")
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        text = csv_path.read_bytes().decode("utf-8", errors=encoding_errors)
+    except UnicodeDecodeError as e:
+        raise DatalistError(
+            f"{csv_path}: not UTF-8 text ({e.reason} at byte {e.start}); --encoding-errors replace reads it anyway"
+        ) from e
+    if "\ufffd" in text and encoding_errors == "replace":
+        logger.warning("%s: bytes that are not UTF-8 were replaced by U+FFFD", csv_path)
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
     columns = set(rows[0]) if rows else set()
     wanted = [c for c in (image_column, mask_column, report_column) if c]
     if not set(wanted) <= columns:
@@ -237,8 +269,11 @@ def _csv_layout(
     for n, row in enumerate(rows, start=2):
 
         def entry(row: dict = row, n: int = n) -> dict:
-            image = base / row[image_column].strip()
-            label = base / row[mask_column].strip() if mask_column else None
+            for column in (image_column, mask_column):
+                if column and not (row[column] or "").strip():
+                    raise DatalistError(f"{csv_path}: line {n}: empty '{column}' cell")
+            image = _inside(base, row[image_column].strip(), f"{csv_path}: line {n}")
+            label = _inside(base, row[mask_column].strip(), f"{csv_path}: line {n}") if mask_column else None
             report = _normalise(row[report_column] or "", f"{csv_path}: line {n} ({image.name})")
             check_pair(image, label)
             out = {"id": _stem(image), "image": str(image), "report": report}

@@ -218,3 +218,53 @@ def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, caplog):
     (tmp_path / "checkpoint_epoch=1.pt").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="every 'checkpoint\\*.pt' training checkpoint .* is truncated"):
         latest_checkpoint(tmp_path)
+
+
+def _qata_like(root):
+    from test_datalist import _folder_set
+
+    return _folder_set(root, n=3)
+
+
+def _csv(root, body: bytes):
+    (root / "list.csv").write_bytes(b"image,mask,report\n" + body)
+    return root / "list.csv"
+
+
+# datalist builders: input | layout | expected error text (file and problem)
+DATALIST_MATRIX = [
+    pytest.param(lambda r: _csv(r, b"../../../../etc/passwd,masks/c0.png,left lung.\n"), "csv",
+                 r"list\.csv: line 2: '\.\./\.\./\.\./\.\./etc/passwd' leaves", id="csv-image-path-traversal"),
+    pytest.param(lambda r: _csv(r, b"images/c0.png,/etc/passwd,left lung.\n"), "csv",
+                 r"list\.csv: line 2: '/etc/passwd' leaves", id="csv-absolute-label-outside"),
+    pytest.param(lambda r: _csv(r, b"images/c0.png,,left lung.\n"), "csv",
+                 r"list\.csv: line 2: empty 'mask' cell", id="csv-empty-cell"),
+    pytest.param(lambda r: _csv(r, b"images/c0.png,masks/c0.png,left \xff lung.\n"), "csv",
+                 r"list\.csv: not UTF-8 text", id="csv-not-utf8"),
+    pytest.param(lambda r: (r / "split.json").write_text('{"train": "c0"}') and r, "folder",
+                 r"split\.json: split 'train' must be a list of id strings", id="split-json-string-not-list"),
+    pytest.param(lambda r: (r / "split.json").write_text('{"train": ["c0",') and r, "folder",
+                 r"split\.json: not valid JSON", id="split-json-malformed"),
+    pytest.param(lambda r: (r / "split.json").write_bytes(b'{"train": ["c\xff"]}') and r, "folder",
+                 r"split\.json: not UTF-8 text", id="split-json-not-utf8"),
+]
+
+
+@pytest.mark.parametrize("make, layout, expected", DATALIST_MATRIX)
+def test_a_bad_datalist_input_gets_an_error_naming_the_file(make, layout, expected, tmp_path):
+    from bundle.datalist import DatalistError, build_datalist
+
+    root = _qata_like(tmp_path / "d")
+    target = make(root)
+    with pytest.raises(DatalistError, match=expected):
+        build_datalist(layout, target)
+
+
+def test_a_non_utf8_csv_reads_with_encoding_errors_replace(tmp_path, caplog):
+    from bundle.datalist import build_datalist
+
+    root = _qata_like(tmp_path / "d")
+    target = _csv(root, b"images/c0.png,masks/c0.png,left \xff lung.\n")
+    dl = build_datalist("csv", target, encoding_errors="replace", val_fraction=0, test_fraction=0)
+    assert dl.splits["training"][0]["report"] == "left \ufffd lung."
+    assert "list.csv: bytes that are not UTF-8 were replaced" in caplog.text
