@@ -38,6 +38,7 @@ __all__ = [
     "every_n_iterations",
     "latest_checkpoint",
     "AtomicCheckpointSaver",
+    "CheckedCheckpointLoader",
 ]
 
 logger = logging.getLogger(__name__)
@@ -408,8 +409,26 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 checkpoint.save_handler = _AtomicDiskSaver(old.dirname, getattr(old, "filename", None))
 
 
-class ResumeLoader(CheckpointLoader):
-    """MONAI's ``CheckpointLoader`` for ``--resume True`` that checks the optimizer state it restored.
+class CheckedCheckpointLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` (same arguments) whose errors name the checkpoint and the problem: a missing,
+    empty or truncated file (MONAI: a bare ``EOFError`` or ``PytorchStreamReader`` error) or weights that do not
+    fit the network (``checkpoint <path>: does not fit ...``)."""
+
+    def __call__(self, engine: Engine) -> None:
+        path = Path(self.load_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path}: not found (train first, or set --ckpt_dir)")
+        if path.stat().st_size == 0 or not _is_complete(path):
+            raise ValueError(f"checkpoint {path}: empty, truncated or not a PyTorch checkpoint "
+                             f"({path.stat().st_size} bytes)")
+        try:
+            super().__call__(engine)
+        except RuntimeError as e:
+            raise RuntimeError(f"checkpoint {path}: does not fit the network: {e}") from e
+
+
+class ResumeLoader(CheckedCheckpointLoader):
+    """The checkpoint loader for ``--resume True`` that also checks the optimizer state it restored.
 
     Network weights load by name, but optimizer moments load by parameter position: a checkpoint written by
     another version of the network (parameters added, removed or registered in another order) loads without

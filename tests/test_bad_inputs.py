@@ -268,3 +268,56 @@ def test_a_non_utf8_csv_reads_with_encoding_errors_replace(tmp_path, caplog):
     dl = build_datalist("csv", target, encoding_errors="replace", val_fraction=0, test_fraction=0)
     assert dl.splits["training"][0]["report"] == "left \ufffd lung."
     assert "list.csv: bytes that are not UTF-8 were replaced" in caplog.text
+
+
+def _datalist(tmp_path, **splits):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "datalist.json").write_text(json.dumps(splits))
+    return tmp_path / "datalist.json"
+
+
+def test_training_and_evaluation_lists_are_checked(tmp_path):
+    from scripts.data import load_datalist
+
+    entry = {"image": "a.png", "label": "a_seg.png", "report": "left lung."}
+    with pytest.raises(ValueError, match=r"datalist .*datalist\.json: the 'training' list is empty"):
+        load_datalist(_datalist(tmp_path / "empty", training=[], validation=[entry]), "training")
+    with pytest.raises(ValueError, match=r"has no 'training' list; it has \['validation'\]"):
+        load_datalist(_datalist(tmp_path / "none", validation=[entry]), "training")
+    with pytest.raises(ValueError, match=r"1 image\(s\) are in both 'training' and 'validation' .*a\.png"):
+        load_datalist(_datalist(tmp_path / "leak", training=[entry], validation=[entry]), "training",
+                      disjoint_from="validation")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "datalist.json").write_text('{"training": [')
+    with pytest.raises(ValueError, match=r"datalist .*bad/datalist\.json: not valid UTF-8 JSON"):
+        load_datalist(tmp_path / "bad" / "datalist.json", "training")
+    with pytest.raises(FileNotFoundError, match=r"datalist .*missing\.json not found"):
+        load_datalist(tmp_path / "missing.json", "training")
+    # an entry without id gets its image's stem, so that a batch mixing entries with and without one collates
+    items = load_datalist(_datalist(tmp_path / "ids", training=[entry, {**entry, "image": "b.png", "id": "x"}]),
+                          "training")
+    assert [i["id"] for i in items] == ["a", "x"]
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", r"checkpoint .*model\.pt: empty, truncated or not a PyTorch checkpoint \(0 bytes\)"),
+    (b"PK\x03\x04 truncated", r"checkpoint .*model\.pt: empty, truncated or not a PyTorch checkpoint"),
+    (None, r"checkpoint .*model\.pt: does not fit the network"),
+], ids=["zero-byte", "truncated", "another-network"])
+def test_inference_names_a_broken_model_pt(content, expected, tmp_path):
+    root = tmp_path / "bundle"
+    (root / "models").mkdir(parents=True)
+    if content is None:
+        torch.save({"not_a_weight": torch.ones(1)}, root / "models" / "model.pt")
+    else:
+        (root / "models" / "model.pt").write_bytes(content)
+    (tmp_path / "data").mkdir()
+    _nifti(tmp_path / "data" / "img.nii.gz")
+    wf = ConfigWorkflow(
+        config_file=config("inference.yaml"), meta_file=config("metadata.json"), workflow_type="infer",
+        bundle_root=str(root), dataset_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"),
+    )
+    wf.initialize()
+    with pytest.raises(Exception) as info:
+        wf.run()
+    assert re.search(expected, _messages(info.value)), _messages(info.value)
