@@ -35,8 +35,8 @@ def test_latest_checkpoint_picks_the_highest_epoch(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         latest_checkpoint(tmp_path)
     for epoch in (2, 10, 9):
-        (tmp_path / f"checkpoint_epoch={epoch}.pt").touch()
-    (tmp_path / "model.pt").touch()
+        torch.save({"epoch": epoch}, tmp_path / f"checkpoint_epoch={epoch}.pt")
+    torch.save({}, tmp_path / "model.pt")
     assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
 
 
