@@ -154,6 +154,9 @@ def _infer_pacs(args: argparse.Namespace) -> int:
     if run.failures:
         print(reasons(run))
     print(f"summary: {Path(args.output) / 'summary.csv'}")
+    if run.done + run.already_done == 0:
+        print(f"error: no series of {args.input} was segmented", file=sys.stderr)
+        return 1
     return 0 if run.failed == 0 else 1
 
 

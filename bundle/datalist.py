@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -296,13 +297,34 @@ def _sr_text(ds) -> str:
     return " ".join(texts)
 
 
+_REPORT_NAME = re.compile(r"report|finding|impression|befund", re.IGNORECASE)
+
+
+def _is_report_name(path: Path) -> bool:
+    """A text file named as a report: its name holds "report", "finding", "impression" or "befund"."""
+    return bool(_REPORT_NAME.search(path.stem))
+
+
 def _report_beside(folder: Path, root: Path, encoding_errors: str) -> str | None:
+    """The report of a series from a text file, by the rule of ``docs/data.md``:
+
+    - in the series' own folder: a file named as a report (:func:`_is_report_name`), else its only ``.txt``;
+    - in a parent folder up to the export root: a file named as a report only (a ``README.txt``, ``INDEX.txt`` or
+      a notes file there describes the export, not this series);
+    - the nearest folder with a candidate decides; two candidates there are an error naming the folder.
+
+    Text files that are not reports are ignored with a debug line.
+    """
     for candidate in (folder, *folder.parents):
         texts = sorted(candidate.glob("*.txt"))
-        if len(texts) > 1:
-            raise DatalistError(f"{candidate}: {len(texts)} report files ({texts[0].name}, {texts[1].name}, ...)")
-        if texts:
-            return read_report(texts[0], encoding_errors)
+        named = [t for t in texts if _is_report_name(t)]
+        reports = named or (texts if candidate == folder and len(texts) == 1 else [])
+        for ignored in sorted(set(texts) - set(reports)):
+            logger.debug("%s: not a report by its name or place; ignored", ignored)
+        if len(reports) > 1:
+            raise DatalistError(f"{candidate}: {len(reports)} report files ({reports[0].name}, {reports[1].name}, ...)")
+        if reports:
+            return read_report(reports[0], encoding_errors)
         if candidate == root:
             break
     return None
@@ -348,9 +370,12 @@ def _pacs_layout(root: Path, encoding_errors: str) -> Iterable[tuple[str | None,
         def entry(uid: str = uid, files: list = files) -> dict:
             files = sorted(files, key=lambda f: (int(f[1].get("InstanceNumber", 0) or 0), str(f[0])))
             first = files[0][1]
-            report = _report_beside(files[0][0].parent, root, encoding_errors)
-            if report is None and str(first.get("StudyInstanceUID", "")) in sr_reports:
+            # a structured report of the study first (the PACS's own record), else a text file by the rule
+            report = None
+            if str(first.get("StudyInstanceUID", "")) in sr_reports:
                 report = _normalise(" ".join(sr_reports[str(first.StudyInstanceUID)]), f"{files[0][0]} (SR)")
+            if report is None:
+                report = _report_beside(files[0][0].parent, root, encoding_errors)
             image = str(files[0][0]) if len(files) == 1 else [str(f) for f, _ in files]
             out = {"id": uid, "image": image, "study": str(first.get("StudyInstanceUID", "")),
                    "modality": str(first.get("Modality", ""))}

@@ -85,3 +85,32 @@ def test_weights_of_another_network_stop_the_run_naming_the_file(tmp_path):
     with pytest.raises(RuntimeError, match="does not fit TMCA") as raised:
         infer_pacs(tmp_path / "export", tmp_path / "out", ckpt=ckpt, device="cpu")
     assert str(ckpt) in str(raised.value)
+
+
+def test_which_text_files_are_reports_follows_the_documented_rule(tmp_path):
+    """README.txt/INDEX.txt at the export root were once every series' report, two of them skipped the whole
+    export with exit 0, and a latin-1 notes file dropped a valid series (issue 20)."""
+    from bundle.datalist import build_datalist
+
+    root = tmp_path / "export"
+    make_ct_series(root / "a" / "b", n=3, gap=2.0)
+    (root / "c").mkdir()
+    dx = make_dx(root / "c" / "IM1", np.full((64, 64), 3000))
+    (root / "README.txt").write_text("Exported by PACS viewer 3.1")
+    (root / "INDEX.txt").write_text("a/b: CT, c: DX")
+    (root / "c" / "notes.txt").write_bytes("Patient transferred from Zürich".encode("latin-1"))
+    (root / "c" / "radiology_report.txt").write_text("Opacity in the left lower zone.")
+    entries = {e["id"]: e for e in build_datalist("pacs", root).splits["test"]}
+    assert entries[dx.SeriesInstanceUID]["report"] == "Opacity in the left lower zone."
+    assert all("report" not in e for uid, e in entries.items() if uid != dx.SeriesInstanceUID)  # README ignored
+    (root / "c" / "findings.txt").write_text("Something else.")
+    from bundle.datalist import DatalistError
+
+    with pytest.raises(DatalistError, match=r"/c: 2 report files"):
+        build_datalist("pacs", root)
+
+
+def test_nothing_segmented_exits_non_zero(tmp_path):
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "broken.dcm").write_bytes(b"not a DICOM file")
+    assert main(["infer-pacs", "--input", str(tmp_path / "export"), "--output", str(tmp_path / "out")]) == 1
