@@ -321,3 +321,13 @@ def test_inference_names_a_broken_model_pt(content, expected, tmp_path):
     with pytest.raises(Exception) as info:
         wf.run()
     assert re.search(expected, _messages(info.value)), _messages(info.value)
+
+
+def test_a_one_pixel_image_is_named_not_a_writer_crash(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    Image.fromarray(np.full((1, 1), 128, dtype=np.uint8)).save(tmp_path / "data" / "tiny.png")
+    with pytest.raises(Exception) as info:
+        _infer(tmp_path, tmp_path / "data")
+    assert re.search(r"tiny\.png \(image\): 1×1 pixels, below the 8-pixel minimum", _messages(info.value))

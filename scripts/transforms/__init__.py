@@ -3,12 +3,12 @@
 - ``report``: report text → tokens, report dropout, clinical rephrasing, the side-aware flip.
 - ``geometry``: the image's channel count, a 2D slice or slab from a volume.
 - ``zones``: the raster of the lung zones a report names.
-- ``checks``: input checks that name the file (non-finite pixels).
+- ``checks``: input checks that name the file (non-finite pixels, images too small to segment).
 
 Writing outputs is not here: ``scripts.outputs``.
 """
 
-from scripts.transforms.checks import CheckFinite, CheckFinited
+from scripts.transforms.checks import CheckFinite, CheckFinited, CheckMinSized
 from scripts.transforms.geometry import SelectSlab, SelectSlabd, ToChannels, ToChannelsd
 from scripts.transforms.report import (
     RandDropReportd,
@@ -34,4 +34,5 @@ __all__ = [
     "SelectSlabd",
     "CheckFinite",
     "CheckFinited",
+    "CheckMinSized",
 ]

@@ -1,4 +1,4 @@
-"""Input checks that turn a silently wrong result into an error naming the file (array/dictionary pair)."""
+"""Input checks that turn a silently wrong result or a crash deep inside MONAI into an error naming the file."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from monai.transforms import MapTransform, Transform
 
 from scripts.transforms.utils import source_name
 
-__all__ = ["CheckFinite", "CheckFinited"]
+__all__ = ["CheckFinite", "CheckFinited", "CheckMinSized"]
 
 
 class CheckFinite(Transform):
@@ -55,4 +55,30 @@ class CheckFinited(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             self.check(d[key], name=f"{source_name(d, key)} ({key})")
+        return d
+
+
+class CheckMinSized(MapTransform):
+    """Raises ``ValueError`` naming the file when a channel-first image is smaller than ``min_size`` pixels in a
+    spatial dimension: a 1×1 "image" (a thumbnail, a broken export) has nothing to segment, and MONAI's PNG writer
+    crashes on it with an ``IndexError`` far from the cause.
+
+    Args:
+        keys: the image keys (channel-first, after ``EnsureChannelFirstd``).
+        min_size: the smallest spatial size accepted, in pixels.
+        allow_missing_keys: don't raise for a missing key.
+    """
+
+    def __init__(self, keys: KeysCollection, min_size: int = 8, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.min_size = int(min_size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            spatial = tuple(d[key].shape[1:])
+            if min(spatial) < self.min_size:
+                size = "×".join(str(n) for n in spatial)
+                raise ValueError(f"{source_name(d, key)} ({key}): {size} pixels, below the {self.min_size}-pixel "
+                                 "minimum; not an image to segment")
         return d
