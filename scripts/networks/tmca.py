@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scripts.networks.blocks import ReportText, TokenPool, TrainingOutput, report_bookkeeping, sincos_positions, zone_flags
+from scripts.networks.blocks import ReportText, TokenPool, TrainingOutput, sincos_positions, zone_flags
 from scripts.networks.guidedecoder import STRIDES, GuideDecoder
 
 __all__ = [
@@ -355,7 +355,8 @@ class TMCA(GuideDecoder):
         if self.report_bank and self.bank_ids is not None and text.states is not None:
             k = self.bank_ids.shape[0]
             states, mask = self.text_encoder(self.bank_ids, self.bank_mask)
-            bank = ReportText(states, mask, *report_bookkeeping(self.bank_ids, mask, k, mask.device))
+            # the bank's reports are distinct by construction: each its own group (no K×K comparison per step)
+            bank = ReportText(states, mask, mask.any(dim=1), torch.arange(k, device=mask.device))
             out["align_bank"] = [self.align_report(s, bank, k) for s in levels]
             out["bank_targets"] = bank_targets(
                 text.aux["text_ids"], text.mask, text.aux.get("zone_flags"), self.bank_ids, self.bank_mask,
