@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import re
+import signal
+import sys
+import threading
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,8 +24,10 @@ from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler
 from monai.utils import CommonKeys as Keys
 
+from scripts.data import SKIPPED_KEY
 from scripts.io import atomic_torch_save
 from scripts.precision import Autocast
+from scripts.run_record import RunRecord
 from scripts.zones import report_zones
 
 __all__ = [
@@ -39,6 +45,7 @@ __all__ = [
     "latest_checkpoint",
     "AtomicCheckpointSaver",
     "CheckedCheckpointLoader",
+    "InferenceSummary",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,14 +115,93 @@ def _drop_duplicate_trackers(handlers: Sequence | None) -> list | None:
 
 
 class ResumableMLFlowHandler(MLFlowHandler):
-    """MONAI's ``MLFlowHandler`` that can carry on a run after ``--resume True``.
+    """MONAI's ``MLFlowHandler`` that carries on a run after ``--resume True`` and never leaves one RUNNING.
 
-    MONAI continues the unfinished MLflow run of the same name, but MLflow params cannot change, and a resumed
-    command differs from the first (``--resume True``, perhaps a longer ``--max_epochs``): MONAI's handler then
-    stops the training on "Changing param values is not allowed". Here params already logged keep their first
-    value and a differing new value is logged as the tag ``resumed.<param>``, so the run goes on and both stay
-    visible.
+    - **Which run.** With a ``run_record`` (:class:`scripts.run_record.RunRecord`), a resumed training continues
+      the MLflow run its checkpoint recorded, by id, whatever ``run_name`` says now; the validation handler,
+      given the same record, logs into the run the training handler chose. Without one (or when that run is
+      not in this tracking store) MONAI's choice by ``run_name`` stands.
+    - **Changed params.** MLflow params cannot change, and a resumed command differs from the first
+      (``--resume True``, perhaps a longer ``--max_epochs``): MONAI's handler then stops the training on "Changing
+      param values is not allowed". Here params already logged keep their first value and a differing new value
+      is logged as the tag ``resumed.<param>``, so the run goes on and both stay visible.
+    - **Ended runs.** A process that ends before its engine completed (an exception, Ctrl-C, SIGTERM, e.g. from
+      torchrun) marks its run FAILED (KILLED for a signal) at exit, instead of leaving it RUNNING forever. Only
+      SIGKILL leaves a run RUNNING; resuming continues it and finishes it.
+
+    Args:
+        run_record: the training run's record, shared by the training and the validation handler.
+        args, kwargs: MONAI's ``MLFlowHandler``.
     """
+
+    def __init__(self, *args: Any, run_record: RunRecord | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.run_record = run_record
+        self._engine_done = True
+        self._exit_hook = False
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.COMPLETED, self._completed)
+
+    def _started(self, engine: Engine) -> None:
+        self._engine_done = False
+
+    def _completed(self, engine: Engine) -> None:
+        self._engine_done = True
+
+    def start(self, engine: Engine) -> None:
+        record = self.run_record
+        if self.cur_run is None and record is not None:
+            if record.mlflow_run_id:  # the validation handler: the run the training handler chose
+                self.cur_run = self._active_run(record.mlflow_run_id)
+            elif record.resumed_run_id:
+                self.cur_run = self._active_run(record.resumed_run_id)
+                if self.cur_run is not None:
+                    logger.info("continuing MLflow run %s ('%s') of the resumed checkpoint",
+                                self.cur_run.info.run_id, self.cur_run.info.run_name)
+        super().start(engine)
+        if record is not None and self.cur_run is not None and not record.mlflow_run_id:
+            record.mlflow_run_id = self.cur_run.info.run_id
+        if not self._exit_hook:
+            atexit.register(self._end_unfinished)
+            _terminate_on_sigterm()
+            self._exit_hook = True
+
+    def _active_run(self, run_id: str):
+        """The run ``run_id`` of this tracking store, set RUNNING again, or None (with a warning) when it is not
+        there or was deleted."""
+        import mlflow
+
+        try:
+            run = self.client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            run = None
+        if run is None or run.info.lifecycle_stage != "active":
+            logger.warning("MLflow run %s (recorded in the resumed checkpoint) is not in %s: a new run is started",
+                           run_id, getattr(self.client, "tracking_uri", "this tracking store"))
+            return None
+        if run.info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        return run
+
+    def _end_unfinished(self) -> None:
+        """At interpreter exit: the run of an engine that did not complete is marked FAILED, or KILLED after a
+        signal or Ctrl-C, unless something else already ended it."""
+        if self.cur_run is None or self._engine_done:
+            return
+        try:
+            run_id = self.cur_run.info.run_id
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                return
+            last = getattr(sys, "last_value", None)
+            killed = _SIGNALLED or isinstance(last, KeyboardInterrupt)
+            self.client.set_terminated(run_id, "KILLED" if killed else "FAILED")
+            logger.info("MLflow run %s marked %s: the run ended before it completed", run_id,
+                        "KILLED" if killed else "FAILED")
+        except Exception as e:  # the store may be gone at exit: never mask the error that ended the run
+            logger.warning("could not mark MLflow run as ended: %s", e)
 
     def _log_params(self, params: dict[str, Any]) -> None:
         if not self.cur_run:
@@ -131,6 +217,22 @@ class ResumableMLFlowHandler(MLFlowHandler):
                         run_id, ", ".join(sorted(changed)))
         tags = [mlflow.entities.RunTag(f"resumed.{k}", v[:5000]) for k, v in changed.items()]
         self.client.log_batch(run_id=run_id, metrics=[], params=new, tags=tags)
+
+
+_SIGNALLED = False
+
+
+def _terminate_on_sigterm() -> None:
+    """SIGTERM (torchrun, a scheduler, ``kill``) ends the process through Python's normal exit, so that exit hooks
+    run; Python's default would end it at once. Only where nobody else handles SIGTERM, in the main thread."""
+
+    def handler(signum: int, frame: Any) -> None:
+        global _SIGNALLED
+        _SIGNALLED = True
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, handler)
 
 
 class _NamedTerms:
@@ -217,6 +319,52 @@ class SegmentationEvaluator(SupervisedEvaluator):
         device_type = _device_type(kwargs)
         super().__init__(*args, val_handlers=_drop_duplicate_trackers(val_handlers), **kwargs)
         _autocast_forward(self, device_type, compute_dtype)
+        self.add_event_handler(Events.STARTED, _reset_counts)
+
+    def _iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict:
+        """MONAI's evaluation step, after taking out the entries the dataset could not load
+        (:class:`scripts.data.SkipFailedDataset`): they are counted in ``engine.state.skipped``; a batch without
+        any loaded entry skips the network and the post-processing."""
+        if isinstance(batchdata, Mapping) and SKIPPED_KEY in batchdata:
+            engine.state.skipped.extend(batchdata[SKIPPED_KEY])
+            batchdata = {k: v for k, v in batchdata.items() if k != SKIPPED_KEY}
+            engine.state.batch = batchdata
+            if Keys.IMAGE not in batchdata:
+                return {}
+        engine.state.segmented += len(batchdata[Keys.IMAGE])
+        return super()._iteration(engine, batchdata)
+
+
+def _reset_counts(engine: Engine) -> None:
+    engine.state.skipped = []
+    engine.state.segmented = 0
+
+
+class InferenceSummary:
+    """Says, when inference ends, how many images were segmented, how many were skipped (each was named in a
+    warning as it happened) and where the outputs are; raises when none could be segmented, so that the
+    command fails instead of exiting 0 with nothing written.
+
+    Args:
+        output_dir: where the outputs were written.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.output_dir = output_dir
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        skipped, done = engine.state.skipped, engine.state.segmented
+        if skipped and not done:
+            raise RuntimeError(
+                f"inference: none of the {len(skipped)} image(s) could be segmented, e.g. {skipped[0]}"
+            )
+        line = f"inference: {done} image(s) segmented"
+        if skipped:
+            line += f", {len(skipped)} skipped (named in the warnings above)"
+        logger.info("%s; outputs in %s", line, os.path.abspath(self.output_dir))
 
 
 class TrainingProgress:
@@ -399,14 +547,25 @@ class _AtomicDiskSaver(DiskSaver):
 class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI's ``CheckpointSaver`` (same arguments) whose files are written whole or not at all: a temporary file,
     fsynced, renamed; the checkpoint it replaces is deleted only after the new one is complete. A kill at any
-    moment leaves the previous ``model.pt`` and the previous training checkpoint loadable."""
+    moment leaves the previous ``model.pt`` and the previous training checkpoint loadable.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    Args:
+        replaces: the training checkpoint this run resumed from (``train#resume_from``): ignite counts ``n_saved``
+            within one process only, so without this every resume would leave its starting checkpoint behind. It
+            is deleted once the first new interval checkpoint is complete.
+        args, kwargs: MONAI's ``CheckpointSaver``.
+    """
+
+    def __init__(self, *args: Any, replaces: str | os.PathLike | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 old = checkpoint.save_handler
                 checkpoint.save_handler = _AtomicDiskSaver(old.dirname, getattr(old, "filename", None))
+        if replaces is not None and self._interval_checkpoint is not None:
+            handler = self._interval_checkpoint.save_handler
+            if Path(replaces).resolve().parent == Path(handler.dirname).resolve():
+                handler.remove(Path(replaces).name)
 
 
 class CheckedCheckpointLoader(CheckpointLoader):
@@ -437,6 +596,9 @@ class ResumeLoader(CheckedCheckpointLoader):
     """
 
     def __call__(self, engine: Engine) -> None:
+        for name, obj in list(self.load_dict.items()):
+            if isinstance(obj, RunRecord) and obj.resumed is None:
+                self.load_dict.pop(name)  # a checkpoint taken with --resume_foreign that holds no record
         super().__call__(engine)
         for name, obj in self.load_dict.items():
             if not isinstance(obj, torch.optim.Optimizer):

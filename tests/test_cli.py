@@ -1,16 +1,21 @@
 """The documented command lines, run as a user runs them: `python -m monai.bundle`, `torchrun`, resume."""
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import mlflow
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, FAST, config
+from conftest import BUNDLE_ROOT, FAST, captured_logs, config
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
 from scripts.engine import latest_checkpoint
+from scripts.run_record import read_run_record
 from scripts.networks import TMCA
 
 EXPERIMENT = "language_guided_segmentation"
@@ -149,3 +154,141 @@ def test_resuming_a_checkpoint_of_another_network_version_names_it(tmp_path, dem
         chain.append(str(e))
         e = e.__cause__ or e.__context__
     assert any("checkpoint_epoch=1.pt: the 'optimizer' state of" in m and "--resume False" in m for m in chain)
+
+
+def _error_chain(error: BaseException) -> list[str]:
+    chain, e = [], error
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def test_resume_refuses_a_checkpoint_of_another_run_by_name(tmp_path, demo_dir):
+    """A checkpoint left in ckpt_dir by a run on other data is not resumed silently: the error names the file;
+    --resume_foreign True takes it anyway, with a warning."""
+    first = _train(tmp_path, demo_dir, max_epochs=1)
+    first.run()
+    first.finalize()
+    lists = json.loads((demo_dir / "datalist.json").read_text())
+    other = {k: [{**e, "image": str(demo_dir / e["image"]), "label": str(demo_dir / e["label"])} for e in v]
+             for k, v in lists.items() if isinstance(v, list)}
+    other["training"] = other["training"][1:]  # other data: one training sample fewer
+    (tmp_path / "other.json").write_text(json.dumps(other))
+
+    resumed = _train(tmp_path, demo_dir, max_epochs=2, resume=True, datalist=str(tmp_path / "other.json"))
+    with pytest.raises(Exception) as error:
+        resumed.run()
+    assert any("checkpoint_epoch=1.pt was trained on other data" in m and "--resume_foreign True" in m
+               for m in _error_chain(error.value))
+
+    forced = _train(tmp_path, demo_dir, max_epochs=2, resume=True, resume_foreign=True,
+                    datalist=str(tmp_path / "other.json"))
+    with captured_logs("scripts.run_record") as records:
+        forced.run()
+    forced.finalize()
+    assert any("checkpoint_epoch=1.pt was trained on other data" in r.getMessage() and "resumed anyway" in
+               r.getMessage() for r in records)
+    assert forced.trainer.state.epoch == 2
+
+
+def test_a_checkpoint_records_its_run_and_resume_continues_that_mlflow_run(tmp_path, demo_dir):
+    """The resumed command need not repeat the first run's --run_name: the checkpoint says which MLflow run it
+    belongs to, and the training goes on in that run."""
+    first = _train(tmp_path, demo_dir, max_epochs=1, run_name="first")
+    first.run()
+    first.finalize()
+    client, (run,) = _runs(tmp_path)
+    record = read_run_record(tmp_path / "models" / "checkpoint_epoch=1.pt")
+    assert record["mlflow_run_id"] == run.info.run_id and len(record["datalist_sha256"]) == 64
+
+    resumed = _train(tmp_path, demo_dir, max_epochs=2, resume=True)  # a new default run name
+    resumed.run()
+    resumed.finalize()
+    client, runs = _runs(tmp_path)
+    assert [r.info.run_id for r in runs] == [run.info.run_id]
+    assert runs[0].info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_dice_mean")) == [1, 2]
+    assert read_run_record(tmp_path / "models" / "checkpoint_epoch=2.pt")["mlflow_run_id"] == run.info.run_id
+
+
+# a training process that dies where the test says (KILL_AT): "write:<file name>" SIGKILLs itself half-way
+# through writing that checkpoint, "step:<n>" at its n-th optimizer step; otherwise it runs as monai.bundle does
+_DYING_TRAINING = """
+import os, runpy, signal, sys
+from pathlib import Path
+import torch
+import scripts.io as io
+
+where, _, arg = os.environ.get("KILL_AT", "").partition(":")
+if where == "write":
+    real_write = io.atomic_write
+    def atomic_write(path, write, mode=0o644):
+        def half_then_die(f):
+            write(f)
+            f.flush()
+            f.truncate(f.tell() // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_write(path, half_then_die if Path(path).name == arg else write, mode)
+    io.atomic_write = atomic_write
+elif where == "step":
+    real_step, steps = torch.optim.AdamW.step, [0]
+    def step(self, *a, **k):
+        steps[0] += 1
+        if steps[0] == int(arg):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_step(self, *a, **k)
+    torch.optim.AdamW.step = step
+sys.argv = ["monai.bundle", *sys.argv[1:]]
+runpy.run_module("monai.bundle", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_killed_trainings_resume_without_losing_a_checkpoint_or_the_mlflow_run(tmp_path, demo_dir):
+    """SIGTERM, SIGKILL half-way through a checkpoint and SIGKILL mid-epoch, each followed by ``--resume True``
+    (without the first --run_name): every resume starts from the newest complete checkpoint, and the whole
+    training ends as one FINISHED MLflow run with every epoch's validation."""
+    models = tmp_path / "models"
+    cmd = [sys.executable, "-c", _DYING_TRAINING, "run", "training", "--meta_file", "configs/metadata.json",
+           "--config_file", "configs/train.yaml", "--bundle_root", str(tmp_path), "--dataset_dir", str(demo_dir),
+           *_cli_overrides(), "--max_epochs", "4"]
+
+    def start(kill_at: str = "", resume: bool = True) -> subprocess.Popen:
+        env = {**os.environ, "KILL_AT": kill_at}
+        return subprocess.Popen([*cmd, "--resume", str(resume)], cwd=BUNDLE_ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    proc = start(resume=False)  # SIGTERM (torchrun, a scheduler) once epoch 1 is saved
+    for _ in range(1200):
+        if (models / "checkpoint_epoch=1.pt").exists() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    client, (run,) = _runs(tmp_path)
+    assert run.info.status == "KILLED"  # not RUNNING forever
+
+    proc = start("write:checkpoint_epoch=3.pt")  # SIGKILL half-way through writing epoch 3's checkpoint
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert sorted(p.name for p in models.glob("checkpoint_*.pt")) == ["checkpoint_epoch=2.pt"]
+    assert latest_checkpoint(models).endswith("checkpoint_epoch=2.pt")
+    saved = torch.load(models / "model.pt", weights_only=True)
+    TMCA().load_state_dict(saved.get("model", saved))  # model.pt intact
+
+    proc = start("step:2")  # SIGKILL at the 2nd step of epoch 3
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert latest_checkpoint(models).endswith("checkpoint_epoch=2.pt")
+
+    proc = start()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    client, runs = _runs(tmp_path)
+    assert [r.info.run_id for r in runs] == [run.info.run_id]
+    assert runs[0].info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_dice_mean"))
+    assert sorted(set(steps)) == [1, 2, 3, 4]
+    assert latest_checkpoint(models).endswith("checkpoint_epoch=4.pt")
