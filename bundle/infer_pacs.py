@@ -14,7 +14,8 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from bundle.load import BUNDLE_ROOT, bundle_parser, load_checkpoint
+from scripts.errors import root_cause
 from scripts.io import atomic_write_text
 from scripts.precision import Autocast
 
@@ -141,6 +143,7 @@ def infer_pacs(
     todo = [e for e in entries if not _is_done(previous.get(e["id"]))]
     run.already_done = len(entries) - len(todo)
     rows = {uid: row for uid, row in previous.items() if _is_done(row)}
+    stale = {uid: row for uid, row in previous.items() if uid not in rows}
     segmenter = _Segmenter(output_dir, formats, config_files or [BUNDLE_ROOT / "configs" / "inference.yaml"], ckpt,
                            device, overrides or {}) if todo else None
     for n, entry in enumerate(todo, 1):
@@ -165,28 +168,54 @@ def infer_pacs(
             logger.info("[%d/%d] series %s: done", n, len(todo), entry["id"])
         row["seconds"] = f"{time.perf_counter() - start:.2f}"
         rows[entry["id"]] = row
-        _write_summary(summary_path, rows)
+        _write_summary(summary_path, rows, stale)
     if not todo:
-        _write_summary(summary_path, rows)
+        _write_summary(summary_path, rows, stale)
     return run
 
 
-def _write_summary(path: Path, rows: dict[str, dict]) -> None:
-    """Rewritten whole after each series (atomically, with a temporary name of its own per write, so that two
-    instances on one output folder never race on one temporary file), so it is never half a row."""
-    buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows.values():
-        writer.writerow({k: row.get(k, "") for k in SUMMARY_FIELDS})
-    atomic_write_text(path, buffer.getvalue())
+def _write_summary(path: Path, rows: dict[str, dict], stale: dict[str, dict]) -> None:
+    """Rewritten whole after each series, atomically (a temporary name of its own per write), so it is never half
+    a row. Under an exclusive lock, the rows another instance wrote to the same output folder meanwhile are read
+    and kept: two instances neither race on one file nor drop each other's rows.
+
+    Args:
+        rows: this run's rows (the series it did, and those done before it started), which win.
+        stale: the rows that were in the file when this run started and are not carried on (failed, or their
+            files gone): dropped unless another instance has rewritten them since.
+    """
+    with _locked(path.with_name(path.name + ".lock")):
+        merged = {uid: row for uid, row in _read_summary(path).items() if stale.get(uid) != row}
+        merged.update(rows)
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in merged.values():
+            writer.writerow({k: row.get(k, "") for k in SUMMARY_FIELDS})
+        atomic_write_text(path, buffer.getvalue())
+
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (``fcntl.flock``) on ``lock_path`` for the block. Python's standard library
+    has no portable file lock; where ``fcntl`` is missing (Windows), run one instance per output folder."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _root_cause(error: BaseException) -> str:
-    """MONAI wraps a transform's error in "applying transform ..." layers; the useful message is the innermost."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return f"{type(error).__name__}: {error}".replace("\n", " ")
+    """The innermost message (MONAI wraps a transform's error in "applying transform ..." layers), on one line."""
+    cause = root_cause(error)
+    return f"{type(cause).__name__}: {cause}".replace("\n", " ")
 
 
 def reasons(run: PacsRun) -> str:

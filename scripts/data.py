@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from monai.data import load_decathlon_datalist
+from monai.data import Dataset, list_data_collate, load_decathlon_datalist
 
+from scripts.errors import root_cause
 from scripts.image_files import IMAGE_SUFFIXES, image_stem, is_image
 
-__all__ = ["inference_datalist", "load_datalist"]
+__all__ = ["SKIPPED_KEY", "SkipFailedDataset", "inference_datalist", "load_datalist", "skip_failed_collate"]
+
+logger = logging.getLogger(__name__)
+
+# the key of a batch that lists the entries its dataset could not load ("<image>: <problem>")
+SKIPPED_KEY = "skipped"
 
 
 def inference_datalist(dataset_dir: str | os.PathLike, datalist: str | os.PathLike | None, split: str) -> list[dict]:
@@ -51,7 +60,11 @@ def load_datalist(
     """
     path = Path(datalist)
     if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} not found (set --dataset_dir or --datalist)")
+        where = "" if path.parent.is_dir() else f": the folder {path.parent} does not exist"
+        raise FileNotFoundError(
+            f"datalist {path} not found{where} (set --dataset_dir or --datalist; `python -m bundle demo-data --out "
+            "DIR` writes the embedded demo data)"
+        )
     try:
         keys = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -74,3 +87,36 @@ def load_datalist(
                 f"inflates the validation figures), e.g. {shared[0]}"
             )
     return items
+
+
+class SkipFailedDataset(Dataset):
+    """MONAI's ``Dataset`` for inference, which goes on past an entry it cannot load or preprocess.
+
+    A truncated PNG, a NaN pixel or a 1×1 image in the middle of a folder must not stop the run with the later
+    images never done. Such an entry yields ``{SKIPPED_KEY: "<image>: <problem>"}`` with a warning naming the
+    file; :func:`skip_failed_collate` keeps it out of the batch and :class:`scripts.engine.SegmentationEvaluator`
+    counts it, and :class:`scripts.engine.InferenceSummary` reports the count. Evaluation and training keep
+    MONAI's ``Dataset``: figures over a silently smaller set would be wrong, so there a bad file is an error.
+    """
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as e:
+            entry = self.data[index]
+            name = entry.get("image", f"entry {index}") if isinstance(entry, Mapping) else f"entry {index}"
+            cause = root_cause(e)
+            message = f"{name}: {type(cause).__name__}: {cause}"
+            logger.warning("inference: skipped %s", message)
+            return {SKIPPED_KEY: message}
+
+
+def skip_failed_collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """MONAI's ``list_data_collate`` of the entries that loaded; those that did not (:class:`SkipFailedDataset`)
+    are listed under ``SKIPPED_KEY``. A batch of skipped entries only has that key."""
+    loaded = [item for item in items if SKIPPED_KEY not in item]
+    skipped = [item[SKIPPED_KEY] for item in items if SKIPPED_KEY in item]
+    batch = list_data_collate(loaded) if loaded else {}
+    if skipped:
+        batch[SKIPPED_KEY] = skipped
+    return batch

@@ -252,3 +252,13 @@ class RasterImageReader(PILReader):
             if isinstance(name, (str, os.PathLike)) and os.path.isfile(name) and is_dicom(name):
                 raise ValueError(f"{name}: a DICOM file, left to the DICOM reader")
         return super().read(data, **kwargs)
+
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
+        """PIL decodes lazily, here: a file cut off mid-transfer fails with a bare ``struct.error`` or
+        ``OSError`` that names neither the file nor the problem."""
+        try:
+            return super().get_data(img)
+        except Exception as e:
+            names = [getattr(i, "filename", "") for i in ensure_tuple(img)]
+            raise ValueError(f"{', '.join(n for n in names if n) or 'image'}: cannot decode the pixels, the file is "
+                             f"truncated or corrupt ({type(e).__name__}: {e})") from None  # the cause, said here

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,20 @@ def tokenize_reports(reports: list[str], max_length: int = 24):
     t = TokenizeReport(max_length=max_length)
     pairs = [t(r) for r in reports]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+@contextmanager
+def captured_logs(*names: str):
+    """The records of the named loggers during the block. pytest's caplog cannot be used around a workflow: the
+    bundle's logging.conf, applied when a workflow starts, replaces the root handlers caplog relies on."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, config
+from conftest import FAST, captured_logs, config
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
@@ -23,19 +23,20 @@ def _nifti(path, value=None, where=(3, 4)):
     return path
 
 
-def _mask(path):
-    data = np.zeros((64, 64), dtype=np.float32)
+def _mask(path, size=None):
+    data = np.zeros(size or (64, 64), dtype=np.float32)
     data[10:30, 10:30] = 1
     nib.save(nib.Nifti1Image(data, np.eye(4)), path)
     return path
 
 
-def _dataset(tmp_path, bad_image=None, bad_label=None):
-    """A 6-sample NIfTI data set; sample 2's image or label holds the given non-finite value."""
+def _dataset(tmp_path, bad_image=None, bad_label=None, label_size=None):
+    """A 6-sample NIfTI data set; sample 2's image or label holds the given non-finite value, or its label has
+    another size."""
     entries = []
     for i in range(6):
         image = _nifti(tmp_path / f"img{i}.nii.gz", bad_image if i == 2 else None)
-        label = _mask(tmp_path / f"seg{i}.nii.gz")
+        label = _mask(tmp_path / f"seg{i}.nii.gz", label_size if i == 2 else None)
         if i == 2 and bad_label is not None:
             data = np.asarray(nib.load(label).dataobj).copy()
             data[0, 0] = bad_label
@@ -75,8 +76,9 @@ MATRIX = [
                  id="inf-pixel-train"),
     pytest.param({"bad_label": np.nan}, _train, r"seg2\.nii\.gz \(label\): 1 of 4096 values are not finite",
                  id="nan-label-train"),
-    pytest.param({"bad_image": np.nan}, _infer, r"img2\.nii\.gz \(image\): 1 of 4096 values are not finite",
-                 id="nan-pixel-infer"),
+    pytest.param({"label_size": (64, 48)}, _train,
+                 r"seg2\.nii\.gz \(label\) is 64×48 pixels but .*img2\.nii\.gz \(image\) is 64×64: they must be "
+                 "pixel-aligned", id="mask-of-another-size-train"),
 ]
 
 
@@ -98,6 +100,61 @@ def test_bad_input_gets_an_error_naming_the_file(case, command, expected, tmp_pa
     with pytest.raises(Exception) as info:
         command(tmp_path / "root", data)
     assert re.search(expected, _messages(info.value)), _messages(info.value)
+
+
+def _png(path, size=(64, 64)):
+    from PIL import Image
+
+    Image.fromarray((np.random.rand(*size) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _truncated_png(path):
+    data = _png(path).read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a copy cut off mid-transfer
+    return path
+
+
+# inference goes on image by image: input | the problem named in its warning. Each bad image sits among good ones.
+INFER_SKIP_MATRIX = [
+    pytest.param(lambda d: _nifti(d / "bad.nii.gz", np.nan), r"bad\.nii\.gz: .*1 of 4096 values are not finite",
+                 id="nan-pixel"),
+    pytest.param(lambda d: _nifti(d / "bad.nii.gz", np.inf), r"bad\.nii\.gz: .*not finite \(0 NaN, 1", id="inf-pixel"),
+    pytest.param(lambda d: _truncated_png(d / "bad.png"),
+                 r"bad\.png: .*bad\.png: cannot decode the pixels, the file is truncated or corrupt", id="truncated-png"),
+    pytest.param(lambda d: _png(d / "bad.png", (1, 1)), r"bad\.png: .*1×1", id="one-pixel-png"),
+    pytest.param(lambda d: (d / "bad.png").write_bytes(b"") or d / "bad.png", r"bad\.png: ", id="empty-file"),
+    pytest.param(lambda d: (d / "bad.dcm").write_bytes(b"not a dicom file" * 20) or d / "bad.dcm", r"bad\.dcm: ",
+                 id="not-dicom"),
+]
+
+
+@pytest.mark.parametrize("make_bad, expected", INFER_SKIP_MATRIX)
+def test_inference_names_skips_and_counts_a_bad_image_and_segments_the_rest(make_bad, expected, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _png(data / "a_good.png")
+    make_bad(data)
+    _png(data / "z_good.png")  # after the bad one: must still be done
+    with captured_logs("scripts.data", "scripts.engine") as records:
+        _infer(tmp_path, data)
+    messages = [r.getMessage() for r in records]
+    skipped = [m for m in messages if m.startswith("inference: skipped")]
+    assert len(skipped) == 1 and re.search(expected, skipped[0]), skipped
+    assert any(m.startswith("inference: 2 image(s) segmented, 1 skipped") for m in messages), messages
+    outputs = {p.name for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert any("a_good" in n for n in outputs) and any("z_good" in n for n in outputs), outputs
+    assert not any(n.startswith("bad") for n in outputs), outputs
+
+
+def test_inference_fails_when_no_image_could_be_segmented(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _truncated_png(data / "a.png")
+    _nifti(data / "b.nii.gz", np.nan)
+    with pytest.raises(Exception) as info:
+        _infer(tmp_path, data)
+    assert "inference: none of the 2 image(s) could be segmented" in _messages(info.value)
 
 
 def _engine(network, loss_values, optimizer):
@@ -191,7 +248,7 @@ saver({{"model": Slow()}}, "ignored")
         code = script if target == "model.pt" else script.replace('"model.pt")', 'None)').replace(
             'saver.remove(None)', 'saver.remove("checkpoint_epoch=1.pt")').replace('"ignored"', '"checkpoint_epoch=2.pt"')
         proc = subprocess.Popen([sys.executable, "-c", code])
-        for _ in range(600):
+        for _ in range(3000):  # up to 150 s: imports are slow on a loaded 2-core machine
             if (tmp_path / "writing").exists():
                 break
             time.sleep(0.05)
@@ -331,3 +388,23 @@ def test_a_one_pixel_image_is_named_not_a_writer_crash(tmp_path):
     with pytest.raises(Exception) as info:
         _infer(tmp_path, tmp_path / "data")
     assert re.search(r"tiny\.png \(image\): 1×1 pixels, below the 8-pixel minimum", _messages(info.value))
+
+
+def test_a_missing_dataset_folder_is_said_last_not_buried_in_the_traceback(tmp_path):
+    """A newcomer's first run without the demo data: MONAI wraps the error in several config-parser ones; the
+    last line of the output must still say which file is missing and how to get it."""
+    import subprocess
+    import sys
+
+    from conftest import BUNDLE_ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "training", "--meta_file", "configs/metadata.json",
+         "--config_file", "configs/train.yaml", "--bundle_root", str(tmp_path),
+         "--dataset_dir", str(tmp_path / "demo_data")],
+        cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("Cause (raised first, above): FileNotFoundError: datalist "), last
+    assert f"the folder {tmp_path / 'demo_data'} does not exist" in last and "bundle demo-data" in last, last

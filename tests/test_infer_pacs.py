@@ -114,3 +114,32 @@ def test_nothing_segmented_exits_non_zero(tmp_path):
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "broken.dcm").write_bytes(b"not a DICOM file")
     assert main(["infer-pacs", "--input", str(tmp_path / "export"), "--output", str(tmp_path / "out")]) == 1
+
+
+@pytest.mark.slow
+def test_two_instances_on_one_output_folder_keep_every_row(tmp_path):
+    """Two `infer-pacs` processes at once, each on its own export, writing to one output folder: both succeed,
+    summary.csv ends with every series of both (neither drops the other's rows) and no temporary file is left."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import BUNDLE_ROOT
+
+    uids = set()
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            uids.add(make_dx(tmp_path / name / f"IM{i}", np.full((48, 40), 1000 + 400 * i)).SeriesInstanceUID)
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-m", "bundle", "infer-pacs", "--input", str(tmp_path / name),
+                               "--output", str(out), "--device", "cpu"], cwd=BUNDLE_ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for name in ("one", "two")]
+    for proc in procs:
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output[-3000:]
+    rows = _rows(out)
+    assert set(rows) == uids and {r["status"] for r in rows.values()} == {"done"}
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

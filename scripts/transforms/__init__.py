@@ -8,7 +8,7 @@
 Writing outputs is not here: ``scripts.outputs``.
 """
 
-from scripts.transforms.checks import CheckFinite, CheckFinited, CheckMinSized
+from scripts.transforms.checks import CheckFinite, CheckFinited, CheckMinSized, CheckSameSized
 from scripts.transforms.geometry import SelectSlab, SelectSlabd, ToChannels, ToChannelsd
 from scripts.transforms.report import (
     RandDropReportd,
@@ -35,4 +35,5 @@ __all__ = [
     "CheckFinite",
     "CheckFinited",
     "CheckMinSized",
+    "CheckSameSized",
 ]

@@ -82,3 +82,33 @@ class CheckMinSized(MapTransform):
                 raise ValueError(f"{source_name(d, key)} ({key}): {size} pixels, below the {self.min_size}-pixel "
                                  "minimum; not an image to segment")
         return d
+
+
+class CheckSameSized(MapTransform):
+    """Raises ``ValueError`` naming both files when channel-first images that must be pixel-aligned (an image and
+    its mask) differ in spatial size: the later ``Resized`` would stretch both to the network's size without a
+    word, so a mask of another image (a pairing typo) or of a transposed export would train as if it fitted.
+
+    Args:
+        keys: the first key is the reference (the image); every other present key must match it.
+        allow_missing_keys: don't raise for a missing key (an image without a mask at inference).
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        present = list(self.key_iterator(d))
+        if len(present) < 2:
+            return d
+        ref = present[0]
+        size = tuple(d[ref].shape[1:])
+        for key in present[1:]:
+            other = tuple(d[key].shape[1:])
+            if other != size:
+                raise ValueError(
+                    f"{source_name(d, key)} ({key}) is {'×'.join(map(str, other))} pixels but "
+                    f"{source_name(d, ref)} ({ref}) is {'×'.join(map(str, size))}: they must be pixel-aligned"
+                )
+        return d

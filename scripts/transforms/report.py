@@ -4,6 +4,7 @@ pairs)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import unicodedata
@@ -132,13 +133,21 @@ class TokenizeReportd(MapTransform):
         self.allow_missing_report = allow_missing_report
         self.absent_report_image_only = absent_report_image_only
         self.ids_suffix, self.mask_suffix = ids_suffix, mask_suffix
+        self._absent = 0  # samples without a report key seen by this process
+
+    named_absent = 3  # samples without a report key named one by one; the rest are counted (10, 100, 1000, ...)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.keys:
             text = d.get(key)
             if key not in d and self.absent_report_image_only and not self.allow_missing_report:
-                logger.warning("sample %s has no '%s' key: an image-only sample", sample_name(d), key)
+                self._absent += 1
+                if self._absent <= self.named_absent:
+                    logger.warning("sample %s has no '%s' key: an image-only sample", sample_name(d), key)
+                elif math.log10(self._absent).is_integer():  # a whole split without reports: counted, not 1,429 lines
+                    logger.warning("%d samples so far have no '%s' key (image-only samples); after the first %d "
+                                   "they are counted, not named", self._absent, key, self.named_absent)
                 text = ""
             elif text is None or (isinstance(text, str) and not text.strip()):
                 if not self.allow_missing_report:
