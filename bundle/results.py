@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["COLUMNS", "load_metrics", "results_table", "seed_table"]
+__all__ = ["COLUMNS", "load_metrics", "results_table", "run_name", "seed_table"]
 
 _SEED_RE = re.compile(r"^(?P<row>.+)_s(?P<seed>\d+)$")
 
@@ -37,6 +37,13 @@ def load_metrics(path: str | Path) -> dict[str, float]:
     return {k: float(metrics[k]) for k in COLUMNS}
 
 
+def run_name(path: str | Path) -> str:
+    """The run a metrics file belongs to: ``<run>/eval_val/metrics.json`` (as ``bundle/qata.sh`` writes it) is
+    ``<run>``; any other file, e.g. ``docs/results/issue19/<run>.json`` (copies kept with the docs), is its stem."""
+    path = Path(path)
+    return path.parent.parent.name if path.name == "metrics.json" else path.stem
+
+
 def results_table(paths: Iterable[str | Path], baseline: str | None = None) -> str:
     """A markdown table, one row per ``<run>/eval_val/metrics.json`` (named by ``<run>``), best Dice first.
 
@@ -44,7 +51,7 @@ def results_table(paths: Iterable[str | Path], baseline: str | None = None) -> s
         paths: metrics.json files; a row is named by the folder above the file's own folder.
         baseline: a row name; adds a column with each row's ``dice_mean`` minus the baseline's.
     """
-    rows = {Path(p).parent.parent.name: load_metrics(p) for p in paths}
+    rows = {run_name(p): load_metrics(p) for p in paths}
     if baseline is not None and baseline not in rows:
         raise ValueError(f"baseline {baseline!r} is not among the rows: {', '.join(sorted(rows))}")
     head = ["run", *COLUMNS.values()] + ([f"Δ dice_mean vs {baseline}"] if baseline else [])
@@ -76,7 +83,7 @@ def seed_table(paths: Iterable[str | Path], baseline: str | None = None) -> str:
     """
     rows: dict[str, dict[int, dict[str, float]]] = {}
     for p in paths:
-        row, seed = _row_and_seed(Path(p).parent.parent.name)
+        row, seed = _row_and_seed(run_name(p))
         if seed in rows.setdefault(row, {}):
             raise ValueError(f"{p}: seed {seed} of {row} given twice")
         rows[row][seed] = load_metrics(p)

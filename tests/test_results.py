@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import BUNDLE_ROOT
 
-from bundle.results import COLUMNS, results_table
+from bundle.results import COLUMNS, results_table, seed_table
 
 
 def _write(root, run, dice, **extra):
@@ -24,6 +24,15 @@ def test_rows_are_named_by_run_sorted_by_dice_with_differences(tmp_path):
     assert lines[0].startswith("| run | dice_mean | dice_pooled |") and "Δ dice_mean vs tmca_1ep" in lines[0]
     assert lines[2].startswith("| tmca_1ep | 0.6600 |") and lines[2].endswith("| +0.0000 |")
     assert lines[3].startswith("| unet_1ep | 0.6100 |") and lines[3].endswith("| -0.0500 |")
+
+
+def test_a_copy_kept_with_the_docs_is_named_by_its_stem(tmp_path):
+    kept = tmp_path / "docs" / "tmca_s0.json"
+    kept.parent.mkdir()
+    kept.write_bytes(_write(tmp_path, "tmca_s0", 0.7).read_bytes())
+    other = _write(tmp_path, "unet_s0", 0.6)
+    lines = seed_table([kept, other], baseline="unet").splitlines()
+    assert lines[2].startswith("| tmca | 1 | 0.7000 ± 0.0000 |") and lines[3].startswith("| unet | 1 |")
 
 
 def test_incomplete_or_foreign_files_are_named_errors(tmp_path):
