@@ -5,6 +5,8 @@ from pathlib import Path
 BUNDLE_DIR = Path(__file__).resolve().parent.parent
 """The bundle folder this package belongs to (its ``configs/`` are logged with each run)."""
 
+from scripts.console import quiet_third_party  # noqa: E402
 from scripts.errors import install_cause_hook  # noqa: E402
 
 install_cause_hook()  # a failed `monai.bundle run` ends with the error that caused it
+quiet_third_party()

@@ -20,6 +20,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, SaveImage, SaveImaged
 
 from scripts.image_files import image_stem, is_raster
+from scripts.io import atomic_write
 
 __all__ = [
     "OUTPUT_FORMATS",
@@ -164,9 +165,14 @@ def dicom_segmentation(
     algorithm_version: str | None = None,
     series_number: int = 900,
     series_description: str = "Language-guided lesion segmentation",
+    report: str | None = None,
 ):
     """A binary DICOM Segmentation of one segment that references its source images (patient, study, frame of
     reference and the source instances come from them; the SEG is a new series of the same study).
+
+    The report that guided it is recorded as the SEG's ContentDescription (``report: <text>``, or ``no report:
+    image-only path``); the attribute holds 64 characters, so a longer report is cut there, ending in "...".
+    Projection images (no Image Orientation (Patient), e.g. DX/CR) get the source's PatientOrientation (type 2C).
 
     Args:
         sources: the source pydicom datasets (a radiograph, or the slices a slab prediction lies on).
@@ -177,6 +183,7 @@ def dicom_segmentation(
             intelligence); the version defaults to the bundle's.
         series_number: SeriesNumber of the new series.
         series_description: SeriesDescription of the new series.
+        report: the report text the network was given; None or empty: none.
 
     Returns:
         ``highdicom.seg.Segmentation`` (a pydicom ``Dataset``; ``.save_as(path)`` writes it). Empty frames are
@@ -207,7 +214,7 @@ def dicom_segmentation(
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=list(sources),
         pixel_array=frames if len(sources) > 1 else frames[0],
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -221,8 +228,22 @@ def dicom_segmentation(
         software_versions=version,
         device_serial_number="none",
         series_description=series_description,
+        content_description=_content_description(report),
+        content_label="LESION",
         omit_empty_frames=False,
     )
+    if "ImageOrientationPatient" not in sources[0]:
+        seg.PatientOrientation = sources[0].get("PatientOrientation", "")  # type 2C: present, may be empty
+    return seg
+
+
+def _content_description(report: str | None) -> str:
+    """ContentDescription (VR LO: 64 characters, no backslash or control characters) naming the guiding report."""
+    text = " ".join(str(report or "").replace("\\", "/").split())
+    if not text:
+        return "no report: image-only path"
+    text = f"report: {text}"
+    return text if len(text) <= 64 else text[:61].rstrip() + "..."
 
 
 class SaveMaskLikeInputd(MapTransform):
@@ -379,7 +400,7 @@ class SaveOutputsd(SaveImaged):
         picture = overlay_image(image.T, mask.T, report if isinstance(report, str) else None, self.overlay_max_side)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / f"{name}_overlay.png"
-        picture.save(path)
+        atomic_write(path, lambda f: picture.save(f, format="PNG"))
         return str(path)
 
     def _dicom_seg(self, d: Mapping[Hashable, Any], mask: np.ndarray, name: str) -> str | None:
@@ -389,10 +410,12 @@ class SaveOutputsd(SaveImaged):
             logger.debug("%s: not a DICOM input; no DICOM SEG written", name)
             return None
         sources = dicom_sources(_source_of(d[self.image_key]), uids.split("\\"))
-        seg = dicom_segmentation(sources, mask.T, self.segment_label, self.algorithm_name)
+        report = d.get(self.report_key)
+        seg = dicom_segmentation(sources, mask.T, self.segment_label, self.algorithm_name,
+                                 report=report if isinstance(report, str) else None)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / f"{name}_seg.dcm"
-        seg.save_as(path)
+        atomic_write(path, seg.save_as)
         return str(path)
 
 

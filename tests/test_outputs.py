@@ -70,6 +70,37 @@ def test_dicom_seg_of_a_radiograph_references_it_and_round_trips(tmp_path):
     assert description.segment_label == "lesion" and description.algorithm_identification[0].AlgorithmName == "TMCA"
 
 
+@pytest.mark.parametrize("report, expected", [
+    ("Bilateral pulmonary infection, two infected areas.", "report: Bilateral pulmonary infection, two infected areas."),
+    ("Patchy opacity in the left lower zone; the right lung is clear and the heart is normal in size.",
+     "report: Patchy opacity in the left lower zone; the right lung..."),
+    (None, "no report: image-only path"),
+])
+def test_the_seg_records_the_report_that_guided_it_and_the_patient_orientation(tmp_path, report, expected):
+    make_dx(tmp_path / "dx.dcm", np.full((40, 50), 3000))
+    src = pydicom.dcmread(tmp_path / "dx.dcm")
+    src.PatientOrientation = ["L", "F"]
+    dicom_segmentation([src], _mask(40, 50), report=report).save_as(tmp_path / "s.dcm")
+    ds = pydicom.dcmread(tmp_path / "s.dcm")
+    assert ds.ContentDescription == expected and len(ds.ContentDescription) <= 64
+    assert list(ds.PatientOrientation) == ["L", "F"]  # type 2C for a projection radiograph
+
+
+def test_a_seg_passes_dciodvfy(tmp_path):
+    """The SEG checked by a DICOM validator (Debian's dicom3tools: `apt-get install dicom3tools`)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed")
+    make_dx(tmp_path / "dx.dcm", np.full((40, 50), 3000))
+    dicom_segmentation([pydicom.dcmread(tmp_path / "dx.dcm")], _mask(40, 50), report="left lung.").save_as(
+        tmp_path / "s.dcm")
+    proc = subprocess.run(["dciodvfy", str(tmp_path / "s.dcm")], capture_output=True, text=True)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, "\n".join(errors)
+
+
 def test_an_empty_prediction_is_still_a_valid_seg(tmp_path):
     make_dx(tmp_path / "dx.dcm", np.full((40, 50), 3000))
     seg = dicom_segmentation([pydicom.dcmread(tmp_path / "dx.dcm")], np.zeros((40, 50), bool))

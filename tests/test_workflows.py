@@ -62,10 +62,12 @@ def test_validation_logs_the_alignment_health_to_mlflow(trained):
     assert {"val_align_chance", "val_align_top1_prior", "val_align_laterality_prior"} <= logged
 
 
-def test_evaluate_writes_the_segmentation_and_report_consistency_metrics(trained, demo_dir):
+@pytest.mark.parametrize("run_id", ["evaluating", "run"])  # "run": the zoo's default, `monai.bundle run` alone
+def test_evaluate_writes_the_segmentation_and_report_consistency_metrics(trained, demo_dir, run_id):
     root, _ = trained
+    (root / "eval" / "metrics.json").unlink(missing_ok=True)
     wf = _workflow(
-        [config("train.yaml"), config("evaluate.yaml")], "train", root, demo_dir, run_id="evaluating",
+        [config("train.yaml"), config("evaluate.yaml")], "train", root, demo_dir, run_id=run_id,
         eval_split="test", **FAST,
     )
     wf.run()
@@ -80,6 +82,10 @@ def test_evaluate_writes_the_segmentation_and_report_consistency_metrics(trained
     assert 0.0 <= result["metrics"]["val_outside_named"] <= 1.0 or result["metrics"]["val_missed_zones"] == 1.0
     csv = (root / "eval" / "metrics.csv").read_text()
     assert all(n in csv for n in names)
+    test_ids = [e["id"] for e in json.loads((demo_dir / "datalist.json").read_text())["test"]]
+    for name in ("val_dice_mean", "val_iou_mean", "val_outside_named", "val_missed_zones"):  # per image, by id
+        lines = (root / "eval" / f"{name}_raw.csv").read_text().splitlines()
+        assert sorted(line.split(",")[0] for line in lines[1:]) == sorted(test_ids), name
 
 
 def _infer(root, data_dir, out_dir):
