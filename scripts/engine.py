@@ -132,12 +132,24 @@ class ResumableMLFlowHandler(MLFlowHandler):
 
     Args:
         run_record: the training run's record, shared by the training and the validation handler.
+        tags: set on the run when it starts (e.g. :func:`scripts.run_record.run_tags`: commit, source, data).
+        tracking_params: the engine-state values logged as params (MONAI: max_epochs, epoch_length).
         args, kwargs: MONAI's ``MLFlowHandler``.
     """
 
-    def __init__(self, *args: Any, run_record: RunRecord | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        run_record: RunRecord | None = None,
+        tags: Mapping[str, str] | None = None,
+        tracking_params: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.run_record = run_record
+        self.tags = dict(tags or {})
+        if tracking_params is not None:  # e.g. [] for an evaluation, where max_epochs/epoch_length say nothing
+            self.default_tracking_params = list(tracking_params)
         self._engine_done = True
         self._exit_hook = False
 
@@ -165,6 +177,8 @@ class ResumableMLFlowHandler(MLFlowHandler):
         super().start(engine)
         if record is not None and self.cur_run is not None and not record.mlflow_run_id:
             record.mlflow_run_id = self.cur_run.info.run_id
+        for key, value in self.tags.items():
+            self.client.set_tag(self.cur_run.info.run_id, key, str(value)[:5000])
         if not self._exit_hook:
             atexit.register(self._end_unfinished)
             _terminate_on_sigterm()

@@ -6,13 +6,14 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["RunRecord", "datalist_digest", "read_run_record"]
+__all__ = ["RunRecord", "datalist_digest", "read_run_record", "run_tags"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,3 +117,33 @@ class RunRecord:
     def load_state_dict(self, state: Mapping[str, str]) -> None:
         """Nothing to restore: the checkpoint's record was read and checked when this object was made, before
         the tracking handler chose its MLflow run."""
+
+
+def run_tags(record: RunRecord, datalist: str | os.PathLike | None = None) -> dict[str, str]:
+    """MLflow tags that say where a run came from: the bundle's git commit (MLflow's own
+    ``mlflow.source.git.commit``, with ``-dirty`` when the working tree has uncommitted changes; absent outside a
+    git checkout, e.g. an unpacked zip), the bundle name and version as ``mlflow.source.name``, and the data:
+    the datalist file and the :func:`datalist_digest` of what was trained and validated on."""
+    from scripts import BUNDLE_DIR
+
+    tags = {"dataset.sha256": record.datalist_sha256}
+    if datalist is not None:
+        tags["dataset"] = str(datalist)
+    try:
+        meta = json.loads((BUNDLE_DIR / "configs" / "metadata.json").read_text())
+        tags["mlflow.source.name"] = f"{meta.get('name', BUNDLE_DIR.name)} {meta.get('version', '')}".strip()
+    except (OSError, ValueError):
+        tags["mlflow.source.name"] = BUNDLE_DIR.name
+    if (BUNDLE_DIR / ".git").exists():
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(BUNDLE_DIR), *args], capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+
+        try:
+            commit = git("rev-parse", "HEAD")
+            if commit:
+                dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+                tags["mlflow.source.git.commit"] = commit + ("-dirty" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            pass  # no git on this machine: the bundle version still names the source
+    return tags

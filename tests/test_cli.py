@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +59,11 @@ def test_run_training_with_tracking_logs_one_complete_mlflow_run(tmp_path, demo_
     assert expected <= set(run.data.metrics)
     assert run.data.metrics["train_loss_bce"] > 0
     assert run.data.params["network"] == "TMCA"
+    tags = run.data.tags  # where the run came from: bundle version, commit (in a git checkout), data
+    assert tags["mlflow.source.name"].startswith("Language-guided lesion segmentation ")
+    assert len(tags["dataset.sha256"]) == 64 and tags["dataset"].endswith("datalist.json")
+    if (BUNDLE_ROOT / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["mlflow.source.git.commit"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.pt", "train.yaml", "metadata.json"} <= artifacts  # the configs folder, file by file
     assert "--dataset_dir" in run.data.params["command"]

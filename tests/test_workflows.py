@@ -82,6 +82,17 @@ def test_evaluate_writes_the_segmentation_and_report_consistency_metrics(trained
     assert 0.0 <= result["metrics"]["val_outside_named"] <= 1.0 or result["metrics"]["val_missed_zones"] == 1.0
     csv = (root / "eval" / "metrics.csv").read_text()
     assert all(n in csv for n in names)
+    import mlflow
+
+    from scripts.io import file_sha256
+
+    client = mlflow.MlflowClient(f"sqlite:///{root}/eval/mlruns.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.mlflow.runName LIKE 'evaluate_%'", order_by=["start_time DESC"])
+    run = runs[0]  # this evaluation: the checkpoint it ran with, by path and hash, and its metrics files
+    assert run.data.params["checkpoint_sha256"] == file_sha256(root / "models" / "model.pt")
+    assert run.data.params["split"] == "test" and "max_epochs" not in run.data.params
+    assert {"metrics.csv", "metrics.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     test_ids = [e["id"] for e in json.loads((demo_dir / "datalist.json").read_text())["test"]]
     for name in ("val_dice_mean", "val_iou_mean", "val_outside_named", "val_missed_zones"):  # per image, by id
         lines = (root / "eval" / f"{name}_raw.csv").read_text().splitlines()
