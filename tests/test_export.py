@@ -99,3 +99,29 @@ def test_export_refuses_weights_of_another_network_naming_the_file(tmp_path):
     with pytest.raises(RuntimeError, match="does not fit TMCA") as raised:
         load_network(BUNDLE_ROOT, ckpt)
     assert str(ckpt) in str(raised.value)
+
+
+@pytest.mark.slow
+def test_the_zoo_ckpt_export_trace_reproduces_pytorch(tmp_path):
+    """`monai.bundle ckpt_export` as the zoo's full verification runs it (traced: HF ConvNeXt cannot be scripted,
+    docs/README.md): it must pass the trace check (a cached sin-cos table once made the two traced invocations
+    differ) and the exported network must give the PyTorch network's output (the image-only path it traces)."""
+    import subprocess
+    import sys
+
+    ts = tmp_path / "model.ts"
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "network_def", "--filepath", str(ts),
+         "--ckpt_file", str(BUNDLE_ROOT / "models" / "model.pt"), "--meta_file", "configs/metadata.json",
+         "--config_file", "configs/inference.yaml", "--bundle_root", ".", "--use_trace", "True",
+         "--input_shape", "[1,1,224,224]"],
+        cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    net, _ = load_network(BUNDLE_ROOT)
+    x = torch.rand(2, 1, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = net(x)
+        exported = torch.jit.load(str(ts))(x)
+    assert exported.shape == expected.shape == (2, 1, 224, 224)
+    torch.testing.assert_close(exported, expected, atol=TOLERANCE, rtol=TOLERANCE)

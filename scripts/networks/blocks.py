@@ -91,8 +91,12 @@ def _sincos_table(grid: tuple[int, int], channels: int) -> torch.Tensor:
 
 def sincos_positions(grid: tuple[int, int], channels: int, ref: torch.Tensor) -> torch.Tensor:
     """Fixed 2D sin-cos position embedding (MONAI's), (h·w)×channels on ``ref``'s device and dtype; a (1, L) grid
-    gives 1D positions for a token sequence. Built once per grid and width (channels divisible by 4)."""
-    return _sincos_table(tuple(int(g) for g in grid), int(channels)).to(ref.device, ref.dtype)
+    gives 1D positions for a token sequence. Built once per grid and width (channels divisible by 4); while
+    ``torch.jit.trace`` records, built every call, since a cached table would make the second traced invocation's
+    graph differ from the first (the trace check then fails)."""
+    key = (tuple(int(g) for g in grid), int(channels))
+    table = _sincos_table.__wrapped__(*key) if torch.jit.is_tracing() else _sincos_table(*key)
+    return table.to(ref.device, ref.dtype)
 
 
 class TextProjector(nn.Module):
