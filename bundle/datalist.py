@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from scripts.image_files import DICOM_SUFFIXES, IMAGE_SUFFIXES, image_stem, is_raster
+from scripts.io import atomic_write_text
 
 __all__ = ["DatalistError", "Datalist", "read_report", "check_pair", "build_datalist", "write_datalist", "LAYOUTS"]
 
@@ -433,6 +434,10 @@ def build_datalist(
             continue
         seen[entry["id"]] = entry["image"] if isinstance(entry["image"], str) else entry["image"][0]
         (result.splits[split] if split else unsplit).append(entry)
+    # images without a mask can only be segmented: all of them go to `test`, which inference reads, rather than
+    # being split by chance into lists that training would need masks for
+    result.splits["test"] += [e for e in unsplit if "label" not in e]
+    unsplit = [e for e in unsplit if "label" in e]
     if unsplit:
         random.Random(seed).shuffle(unsplit)
         n_val, n_test = round(val_fraction * len(unsplit)), round(test_fraction * len(unsplit))
@@ -457,5 +462,4 @@ def write_datalist(datalist: Datalist, out: str | os.PathLike) -> Path:
         split: [{k: rel(v) if k in ("image", "label") else v for k, v in e.items()} for e in entries]
         for split, entries in datalist.splits.items()
     }
-    out.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
-    return out
+    return atomic_write_text(out, json.dumps(payload, indent=1, ensure_ascii=False))

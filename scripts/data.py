@@ -24,8 +24,8 @@ SKIPPED_KEY = "skipped"
 
 def inference_datalist(dataset_dir: str | os.PathLike, datalist: str | os.PathLike | None, split: str) -> list[dict]:
     """Items to segment: the ``split`` entries of ``datalist`` when that file exists (image paths made absolute,
-    reports kept, labels dropped), otherwise every image file directly in ``dataset_dir`` (any of
-    ``scripts.image_files.IMAGE_SUFFIXES``), without reports.
+    reports kept, labels dropped; ``split="all"``: every list of the file, each image once), otherwise every
+    image file directly in ``dataset_dir`` (any of ``scripts.image_files.IMAGE_SUFFIXES``), without reports.
 
     Raises:
         FileNotFoundError: when neither gives any image, naming the folder.
@@ -33,10 +33,20 @@ def inference_datalist(dataset_dir: str | os.PathLike, datalist: str | os.PathLi
     """
     if datalist is not None and Path(datalist).is_file():
         keys = json.loads(Path(datalist).read_text())
-        if split not in keys:
+        lists = [k for k, v in keys.items() if isinstance(v, list)] if split == "all" else [split]
+        if split not in keys and split != "all":
             raise KeyError(f"datalist {datalist} has no '{split}' list; it has {sorted(keys)}")
-        items = load_decathlon_datalist(str(datalist), is_segmentation=False, data_list_key=split)
-        return [{k: v for k, v in item.items() if k != "label"} for item in items]
+        items, seen = [], set()
+        for name in lists:
+            for item in load_decathlon_datalist(str(datalist), is_segmentation=False, data_list_key=name):
+                if str(item.get("image")) not in seen:
+                    seen.add(str(item.get("image")))
+                    items.append({k: v for k, v in item.items() if k != "label"})
+        total = sum(len(v) for v in keys.values() if isinstance(v, list))
+        if split != "all" and total > len(items):  # a seeded split of a small folder leaves few test images
+            logger.info("datalist %s: segmenting its '%s' list, %d of its %d entries (--infer_split all: every "
+                        "list)", datalist, split, len(items), total)
+        return items
     files = sorted(p for p in Path(dataset_dir).iterdir() if is_image(p))
     if not files:
         raise FileNotFoundError(f"no datalist and no images ({', '.join(IMAGE_SUFFIXES)}) in {dataset_dir}")

@@ -73,6 +73,23 @@ def test_folder_layout_without_split_is_split_by_seed(tmp_path):
 
 
 
+def test_images_without_masks_all_go_to_the_test_list_and_infer_split_all_reads_every_list(tmp_path):
+    """A folder of 4 images to segment was split 2/1/1 by chance, so inference segmented only 1 of them."""
+    from scripts.data import inference_datalist
+
+    root = _folder_set(tmp_path / "d")
+    rows = "".join(f"images/c{i}.png,lower left lung.\n" for i in range(4))
+    (root / "list.csv").write_text("image,report\n" + rows)
+    dl = build_datalist("csv", root / "list.csv", mask_column=None)
+    assert [len(dl.splits[s]) for s in ("training", "validation", "test")] == [0, 0, 4]
+
+    labelled = write_datalist(build_datalist("folder", root), root / "datalist.json")  # 4 with masks: split 2/1/1
+    assert len(inference_datalist(root, labelled, "test")) == 1
+    every = inference_datalist(root, labelled, "all")
+    assert sorted(Path(e["image"]).name for e in every) == [f"c{i}.png" for i in range(4)]
+    assert all("label" not in e and e["report"] for e in every)
+
+
 def test_folder_layout_finds_images_in_every_format_the_readers_load(tmp_path):
     """A .dicom image was not looked for (the inline suffix list had .dcm only) and the entry failed."""
     from test_dicom import make_dx
