@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -545,14 +546,21 @@ class _AtomicDiskSaver(DiskSaver):
         filename: a fixed file name (``model.pt``), or None for ignite's names.
     """
 
-    def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None, keep_replaced: bool = False) -> None:
         super().__init__(dirname=dirname, require_empty=False, atomic=False)
         self.filename = filename
+        self.keep_replaced = keep_replaced
         self._pending: list[str] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         name = self.filename or filename
-        atomic_torch_save(checkpoint, Path(self.dirname) / name)
+        dest = Path(self.dirname) / name
+        if self.keep_replaced and dest.is_file():  # a file this run did not write: kept under another name
+            kept = dest.with_name(f"{dest.stem}.replaced-{time.strftime('%Y%m%d-%H%M%S')}{dest.suffix}")
+            os.replace(dest, kept)
+            logger.warning("%s existed before this run (e.g. the shipped model): kept as %s", dest, kept.name)
+        self.keep_replaced = False
+        atomic_torch_save(checkpoint, dest)
         for old in self._pending:
             if old != name:
                 (Path(self.dirname) / old).unlink(missing_ok=True)
@@ -571,15 +579,25 @@ class AtomicCheckpointSaver(CheckpointSaver):
         replaces: the training checkpoint this run resumed from (``train#resume_from``): ignite counts ``n_saved``
             within one process only, so without this every resume would leave its starting checkpoint behind. It
             is deleted once the first new interval checkpoint is complete.
+        keep_replaced: a fixed-name file (``model.pt``) that exists before this saver first writes it was not
+            written by this run (the shipped model, another run's best): it is renamed
+            ``<name>.replaced-<time>.pt`` with a warning instead of being overwritten.
         args, kwargs: MONAI's ``CheckpointSaver``.
     """
 
-    def __init__(self, *args: Any, replaces: str | os.PathLike | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        replaces: str | os.PathLike | None = None,
+        keep_replaced: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 old = checkpoint.save_handler
-                checkpoint.save_handler = _AtomicDiskSaver(old.dirname, getattr(old, "filename", None))
+                fixed = getattr(old, "filename", None)
+                checkpoint.save_handler = _AtomicDiskSaver(old.dirname, fixed, keep_replaced and fixed is not None)
         if replaces is not None and self._interval_checkpoint is not None:
             handler = self._interval_checkpoint.save_handler
             if Path(replaces).resolve().parent == Path(handler.dirname).resolve():

@@ -315,3 +315,21 @@ def test_inference_says_what_it_did_and_nothing_that_is_not_the_users_business(t
     assert f"inference: {n} image(s) segmented; outputs in {tmp_path}" in printed
     for noise in ("nvImageCodec", "torch.meshgrid", "Loading weights", "resuming from iteration 0,"):
         assert noise not in printed, noise
+
+
+def test_a_training_keeps_a_model_pt_it_did_not_write(tmp_path, demo_dir):
+    """The README's by-hand training into models/ replaced the shipped model.pt with a 1-epoch model: the file
+    that was there is now kept aside, named, and a resumed run (whose model.pt is its own) replaces in place."""
+    (tmp_path / "models").mkdir()
+    shipped = tmp_path / "models" / "model.pt"
+    torch.save({"shipped": torch.ones(1)}, shipped)
+    before = shipped.read_bytes()
+    first = _train(tmp_path, demo_dir, max_epochs=1)
+    first.run()
+    first.finalize()
+    (kept,) = (tmp_path / "models").glob("model.replaced-*.pt")
+    assert kept.read_bytes() == before and shipped.read_bytes() != before
+    resumed = _train(tmp_path, demo_dir, max_epochs=2, resume=True)
+    resumed.run()
+    resumed.finalize()
+    assert len(list((tmp_path / "models").glob("model.replaced-*.pt"))) == 1
