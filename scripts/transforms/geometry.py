@@ -20,6 +20,10 @@ class ToChannels(Transform):
     RGB(A) → 1: ITU-R BT.601 luminance (alpha dropped); 1 → 3: repeated; RGBA → 3: alpha dropped. Grayscale PNGs,
     RGB exports of radiographs and RGB pathology tiles then all fit one configured ``in_channels``.
 
+    Not a PIL reader ``converter`` (``image.convert("L")``, the same luma) with MONAI's ``RepeatChanneld``: that
+    covers PNG/JPEG only, while RGB DICOM (US, secondary captures) and RGB NIfTI arrive through other readers, and
+    one transform after loading brings every reader's output, image and mask alike, to the configured channels.
+
     Args:
         channels: 1 or 3.
     """
