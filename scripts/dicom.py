@@ -155,14 +155,23 @@ class DicomImageReader(ImageReader):
         return float(low), float(high)
 
     def _display(self, values: np.ndarray, ds: Any, clip: tuple[float, float] | None) -> np.ndarray:
-        """Window (the file's VOI, else the percentile clip) and MONOCHROME1 inversion; ``ds`` gives the window."""
+        """Window (the file's VOI, else the percentile clip), then the presentation LUT: inverted where
+        PresentationLUTShape is INVERSE, or, without one, for MONOCHROME1 (highdicom's reading; IDENTITY keeps
+        the values). ``ds`` gives the window and the shape.
+
+        Not ``highdicom.Image.get_frame(apply_voi_transform=True, apply_presentation_lut=True)``, which applies
+        the same rules frame by frame: a volume here gets one window for all its slices (the middle slice's), and
+        without a window the values stay in modality units (HU for CT) for the percentile clip.
+        """
         from pydicom.pixels import apply_voi_lut
 
         if self.apply_window and ("WindowCenter" in ds or "VOILUTSequence" in ds):
             values = apply_voi_lut(values, ds).astype(np.float32)
         elif clip is not None:
             values = np.clip(values, *clip)
-        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        shape = str(ds.get("PresentationLUTShape", "")).upper()
+        if shape == "INVERSE" or (shape != "IDENTITY" and str(ds.get("PhotometricInterpretation", "")).upper()
+                                  == "MONOCHROME1"):
             values = values.max() + values.min() - values
         return values
 

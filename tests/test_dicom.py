@@ -64,6 +64,29 @@ def test_monochrome1_radiograph_is_inverted_with_imager_spacing(tmp_path):
     assert plain.PhotometricInterpretation == "MONOCHROME2"
 
 
+@pytest.mark.parametrize("photometric, shape, inverted", [
+    ("MONOCHROME2", "INVERSE", True),  # was read as is: the presentation LUT shape was ignored
+    ("MONOCHROME1", "INVERSE", True),
+    ("MONOCHROME1", "IDENTITY", False),
+    ("MONOCHROME2", "IDENTITY", False),
+])
+def test_the_presentation_lut_shape_decides_the_inversion_as_highdicom_reads_it(tmp_path, photometric, shape,
+                                                                               inverted):
+    import highdicom as hd
+    import pydicom
+
+    pixels = np.full((30, 40), 4000)
+    pixels[5:10, 2:8] = 100
+    make_dx(tmp_path / "dx.dcm", pixels, mono1=photometric == "MONOCHROME1")
+    ds = pydicom.dcmread(tmp_path / "dx.dcm")
+    ds.PresentationLUTShape = shape
+    ds.save_as(tmp_path / "dx.dcm")
+    image = np.asarray(_load(tmp_path / "dx.dcm", percentiles=None)[0])
+    assert (image[3, 7] > image[30, 20]) == inverted  # [column, row]: the low-valued patch brighter if inverted
+    reference = hd.imread(str(tmp_path / "dx.dcm")).get_frame(1, dtype=np.float32, apply_presentation_lut=True)
+    assert (reference[7, 3] > reference[20, 30]) == inverted  # highdicom agrees
+
+
 def _messages(error: BaseException) -> str:
     # MONAI wraps a transform's error ("applying transform ..."); the reader's message is in the chain
     parts = []
