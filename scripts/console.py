@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 
-__all__ = ["FreshStartFilter", "quiet_third_party"]
+__all__ = ["FreshStartFilter", "drop_fresh_start_line", "quiet_third_party"]
 
 
 def quiet_third_party() -> None:
@@ -33,3 +33,9 @@ class FreshStartFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not (message.startswith("Engine run resuming from iteration 0,"))
+
+
+def drop_fresh_start_line(logger: logging.Logger) -> None:
+    """Adds :class:`FreshStartFilter` to an engine's logger once (engines of one class share their logger)."""
+    if not any(isinstance(f, FreshStartFilter) for f in logger.filters):
+        logger.addFilter(FreshStartFilter())

@@ -25,7 +25,7 @@ from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler
 from monai.utils import CommonKeys as Keys
 
-from scripts.console import FreshStartFilter
+from scripts.console import drop_fresh_start_line
 from scripts.data import SKIPPED_KEY
 from scripts.io import atomic_torch_save
 from scripts.precision import Autocast
@@ -311,7 +311,7 @@ class SegmentationTrainer(SupervisedTrainer):
             kwargs.update(amp=True, amp_kwargs={"dtype": torch.float16})
         super().__init__(*args, train_handlers=_drop_duplicate_trackers(train_handlers), **kwargs)
         _autocast_forward(self, device_type, compute_dtype)
-        self.logger.addFilter(FreshStartFilter())
+        drop_fresh_start_line(self.logger)
         self.loss_function = _NamedTerms(self.loss_function)
         # before MODEL_COMPLETED, where MONAI decollates and post-processes the output
         self.add_event_handler(IterationEvents.LOSS_COMPLETED, self._unpack_output)
@@ -338,7 +338,7 @@ class SegmentationEvaluator(SupervisedEvaluator):
         super().__init__(*args, val_handlers=_drop_duplicate_trackers(val_handlers), **kwargs)
         _autocast_forward(self, device_type, compute_dtype)
         self.add_event_handler(Events.STARTED, _reset_counts)
-        self.logger.addFilter(FreshStartFilter())
+        drop_fresh_start_line(self.logger)
 
     def _iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict:
         """MONAI's evaluation step, after taking out the entries the dataset could not load
