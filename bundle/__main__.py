@@ -195,7 +195,8 @@ def _device_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand (verb) per tool."""
     parser = argparse.ArgumentParser(prog="python -m bundle", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
     demo = sub.add_parser("demo-data", help="write the embedded synthetic demo data set and its datalist")
@@ -328,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     dc.add_argument("--qata", default="../shared/data/qata", help="with --prepare: the QaTa-COV19 folder")
     dc.add_argument("--num-images", type=int, default=128, help="with --prepare: training images to include")
     dc.set_defaults(func=_device_check)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied DICOM module
     return args.func(args)

@@ -1,7 +1,8 @@
 """``python -m bundle pack``: the bundle as a MONAI bundle zip, ``dist/<name>_v<version>.zip``.
 
-The zip holds one top-level folder ``<name>/`` with what a user needs to run the bundle (``configs/``,
-``scripts/``, ``models/``, ``docs/`` and ``LICENSE``) and nothing of the repository's tooling or tests. That is the
+The zip holds one top-level folder ``<name>/`` with what a user needs to run the bundle: the zoo's ``configs/``,
+``scripts/``, ``models/``, ``docs/`` and ``LICENSE``, and ``bundle/``, the command line its docs use (demo data,
+datalists, PACS inference, export, benchmarks); not the repository's ``Makefile``, tests or CI. That is the
 layout ``monai.bundle.download(name=<name>, url=...)`` extracts into ``<bundle_dir>/<name>/`` (it saves the download
 as ``<bundle_dir>/<name>.zip`` and unzips it next to itself) and the one MONAI Label's ``monaibundle`` app expects
 under its ``model/`` folder.
@@ -22,7 +23,7 @@ __all__ = ["CONTENTS", "bundle_name", "bundle_files", "pack"]
 logger = logging.getLogger(__name__)
 
 # what ships, relative to the bundle root: the folders a bundle is run from, and its licence
-CONTENTS: tuple[str, ...] = ("configs", "scripts", "models", "docs", "LICENSE")
+CONTENTS: tuple[str, ...] = ("configs", "scripts", "bundle", "models", "docs", "LICENSE")
 # never shipped, even when tracked or present (caches and files that a run writes)
 _EXCLUDED_PARTS = {"__pycache__", ".pytest_cache", ".ipynb_checkpoints", ".DS_Store"}
 _EXCLUDED_SUFFIXES = (".pyc", ".pyo")

@@ -3,7 +3,13 @@
 from pathlib import Path
 
 BUNDLE_DIR = Path(__file__).resolve().parent.parent
-"""The bundle folder this package belongs to (its ``configs/`` are logged with each run)."""
+"""The bundle folder this package belongs to."""
+
+
+def configs_dir() -> str:
+    """The ``configs/`` folder of this bundle, as a string: the configs that ran, logged with each run."""
+    return str(BUNDLE_DIR / "configs")
+
 
 from scripts.console import quiet_third_party  # noqa: E402
 from scripts.errors import install_cause_hook  # noqa: E402

@@ -56,8 +56,14 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 (hex) of a file's bytes, read in chunks; e.g. the checkpoint an evaluation ran with."""
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20, missing: str | None = None) -> str:
+    """SHA-256 (hex) of a file's bytes, read in chunks; e.g. the checkpoint an evaluation ran with.
+
+    Args:
+        missing: returned when ``path`` is not a file (None: the ``FileNotFoundError`` is raised).
+    """
+    if missing is not None and not os.path.isfile(path):
+        return missing
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

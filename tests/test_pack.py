@@ -33,7 +33,7 @@ def _small_bundle(root):
     shutil.copytree(BUNDLE_ROOT / "configs", root / "configs")
     for rel, content in {
         "LICENSE": "licence", "scripts/__init__.py": "", "docs/README.md": "docs", "models/model.pt": "weights",
-        "models/README.md": "notes", "tests/test_x.py": "", "bundle/__main__.py": "",
+        "models/README.md": "notes", "tests/test_x.py": "", "bundle/__main__.py": "", "Makefile": "all:",
     }.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(content)
@@ -53,8 +53,9 @@ def test_only_tracked_files_ship_from_a_git_checkout(tmp_path):
     subprocess.run([*git, "commit", "-qm", "bundle"], check=True)
     _strays(tmp_path)  # untracked: never shipped
     files = bundle_files(tmp_path)
-    assert {"LICENSE", "models/model.pt", "models/README.md", "configs/inference.yaml", "docs/README.md"} <= set(files)
-    assert not any(f.startswith(("tests/", "bundle/")) or "stray" in f or "checkpoint" in f or "local_notes" in f
+    assert {"LICENSE", "models/model.pt", "models/README.md", "configs/inference.yaml", "docs/README.md",
+            "bundle/__main__.py"} <= set(files)
+    assert not any(f.startswith(("tests/", "Makefile")) or "stray" in f or "checkpoint" in f or "local_notes" in f
                    or "__pycache__" in f for f in files)
 
 
@@ -62,9 +63,9 @@ def test_outside_git_the_folders_are_walked_without_caches_or_checkpoints(tmp_pa
     _small_bundle(tmp_path)
     _strays(tmp_path)
     files = bundle_files(tmp_path)
-    assert {"LICENSE", "models/model.pt", "configs/inference.yaml", "docs/README.md"} <= set(files)
+    assert {"LICENSE", "models/model.pt", "configs/inference.yaml", "docs/README.md", "bundle/__main__.py"} <= set(files)
     # an untracked source file cannot be told from a real one without git: it ships; caches and checkpoints do not
-    assert not any(f.startswith(("tests/", "bundle/")) or "checkpoint" in f or "__pycache__" in f for f in files)
+    assert not any(f.startswith(("tests/", "Makefile")) or "checkpoint" in f or "__pycache__" in f for f in files)
 
 
 def test_pack_refuses_missing_or_oversized_weights(tmp_path):
@@ -79,7 +80,7 @@ def test_pack_refuses_missing_or_oversized_weights(tmp_path):
 @pytest.mark.slow
 def test_pack_then_download_then_run_inference_from_the_unpacked_bundle(tmp_path):
     """The zip's members, `monai.bundle.download(url="file://...")` into a fresh folder, and
-    `python -m monai.bundle run inference` from there with only the unpacked folder on PYTHONPATH."""
+    `python -m monai.bundle run inference` from another folder, without PYTHONPATH."""
     if not REAL_IMAGE.is_file():
         pytest.skip(f"shared QaTa data not found at {REAL_IMAGE}")
     assert main(["pack", "--out", str(tmp_path / "dist")]) == 0
@@ -89,9 +90,9 @@ def test_pack_then_download_then_run_inference_from_the_unpacked_bundle(tmp_path
         names = set(zf.namelist())
         assert json.loads(zf.read(f"{NAME}/configs/metadata.json"))["version"] == version
     assert {f"{NAME}/{f}" for f in ("configs/inference.yaml", "models/model.pt", "LICENSE", "scripts/__init__.py",
-                                   "docs/README.md")} <= names
+                                   "docs/README.md", "bundle/__main__.py")} <= names
     assert all(n.startswith(f"{NAME}/") for n in names)  # one top-level folder, the bundle's name
-    assert not any(n.split("/")[1] in ("tests", "bundle", "runs", "eval", ".venv") for n in names)
+    assert not any(n.split("/")[1] in ("tests", "runs", "eval", ".venv", "Makefile", ".ci") for n in names)
     assert (BUNDLE_ROOT / "models" / "model.pt").stat().st_size <= 25e6
 
     # monai.bundle.download with a file:// url works offline (urllib opens it) and extracts <bundle_dir>/<name>/;
@@ -106,7 +107,8 @@ def test_pack_then_download_then_run_inference_from_the_unpacked_bundle(tmp_path
     images, out = tmp_path / "images", tmp_path / "out"
     images.mkdir()
     shutil.copy(REAL_IMAGE, images / REAL_IMAGE.name)
-    env = {**os.environ, "PYTHONPATH": str(unpacked), "HF_HUB_OFFLINE": "1"}  # not the repository: self-contained
+    # no PYTHONPATH at all, run from another folder: MONAI puts the bundle root on sys.path itself, as for zoo bundles
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "inference",
          "--meta_file", str(unpacked / "configs" / "metadata.json"),
@@ -122,6 +124,19 @@ def test_pack_then_download_then_run_inference_from_the_unpacked_bundle(tmp_path
     truth = np.array(Image.open(SHARED_DATA / "qata" / "masks" / REAL_IMAGE.name)) > 127
     pred = mask > 0
     assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.5
+
+    # the command line the docs use runs from inside the unpacked folder, without the repository
+    layout = tmp_path / "layout"
+    for sub in ("images", "masks", "reports"):  # one QaTa sample in the `folder` layout
+        src = next((SHARED_DATA / "qata" / sub).glob(REAL_IMAGE.stem + ".*"))
+        (layout / sub).mkdir(parents=True)
+        shutil.copy(src, layout / sub / src.name)
+    for args in (["demo-data", "--out", "demo", "--num-samples", "4"],
+                 ["datalist", "folder", "--root", str(layout), "--out", str(tmp_path / "list.json")]):
+        proc = subprocess.run([sys.executable, "-m", "bundle", *args], cwd=unpacked, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (unpacked / "demo" / "datalist.json").is_file() and (tmp_path / "list.json").is_file()
 
 
 def test_pack_refuses_symlinks_and_weights_that_do_not_fit(tmp_path):
@@ -140,3 +155,34 @@ def test_pack_refuses_symlinks_and_weights_that_do_not_fit(tmp_path):
     torch.save({"not": torch.ones(1)}, tmp_path / "models" / "model.pt")
     with pytest.raises(RuntimeError, match=r"checkpoint .*model\.pt: does not fit TMCA"):
         pack(tmp_path, tmp_path / "dist")
+
+
+def test_the_shipped_docs_name_only_tools_the_zip_contains():
+    """Every `python -m bundle <verb>` in a shipped file is a verb of the shipped command line, every `bundle/<file>`
+    it names ships, and a `make` target (the Makefile does not ship) is only named as the repository's."""
+    import re
+
+    from bundle.__main__ import build_parser
+
+    verbs = set(next(a for a in build_parser()._actions if a.dest == "verb").choices)
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (BUNDLE_ROOT / "Makefile").read_text(), flags=re.M))
+    shipped = bundle_files(BUNDLE_ROOT)
+    problems, checked = [], 0
+    for rel in shipped:
+        if not rel.endswith((".md", ".yaml", ".json", ".sh", ".py")):
+            continue
+        for n, line in enumerate((BUNDLE_ROOT / rel).read_text(encoding="utf-8").splitlines(), 1):
+            for verb in re.findall(r"python -m bundle ([a-z][a-z-]*)", line):
+                checked += 1
+                if verb not in verbs:
+                    problems.append(f"{rel}:{n}: no verb {verb!r}")
+            for path in re.findall(r"\bbundle/([a-z_]+\.(?:py|sh))\b", line):
+                checked += 1
+                if f"bundle/{path}" not in shipped:
+                    problems.append(f"{rel}:{n}: bundle/{path} does not ship")
+            for target in re.findall(r"`make ([a-z][a-z-]*)`", line):
+                checked += 1
+                if target in targets and "repository" not in line:
+                    problems.append(f"{rel}:{n}: `make {target}` without saying it is the repository's")
+    assert checked > 20, checked  # the docs do use the command line: the patterns still match something
+    assert not problems, "\n".join(problems)
