@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -130,11 +131,19 @@ class ResumableMLFlowHandler(MLFlowHandler):
     - **Ended runs.** A process that ends before its engine completed (an exception, Ctrl-C, SIGTERM, e.g. from
       torchrun) marks its run FAILED (KILLED for a signal) at exit, instead of leaving it RUNNING forever. Only
       SIGKILL leaves a run RUNNING; resuming continues it and finishes it.
+    - **Readable optimizer values.** The learning rate is logged as ``lr_log10_group_<i>`` (−3 for 1e-3) rather
+      than MONAI's ``lr_group_<i>``: the MLflow UI draws a constant 0.001 as 0 on a ±0.5 axis, and a cosine decay
+      to 1 % spans two clear units on a log scale.
+    - **The model.** With a ``model_logger`` (:class:`scripts.mlflow_model.NetworkModelLogger`), the best weights
+      are logged as an MLflow model of the run when the engine completes, before the run closes. A model that cannot
+      be logged is an error in the log and the run's tag ``model_not_logged``, not a lost run: its checkpoints
+      are already on disk.
 
     Args:
         run_record: the training run's record, shared by the training and the validation handler.
         tags: set on the run when it starts (e.g. :func:`scripts.run_record.run_tags`: commit, source, data).
         tracking_params: the engine-state values logged as params (MONAI: max_epochs, epoch_length).
+        model_logger: called with the run id and the tracking URI when the engine completes (None: no model).
         args, kwargs: MONAI's ``MLFlowHandler``.
     """
 
@@ -144,10 +153,13 @@ class ResumableMLFlowHandler(MLFlowHandler):
         run_record: RunRecord | None = None,
         tags: Mapping[str, str] | None = None,
         tracking_params: Sequence[str] | None = None,
+        model_logger: Callable[[str, str], Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.run_record = run_record
+        self.model_logger = model_logger
+        self.log10_params, self.optimizer_param_names = self.optimizer_param_names, ()  # logged by this class
         self.tags = dict(tags or {})
         if tracking_params is not None:  # e.g. [] for an evaluation, where max_epochs/epoch_length say nothing
             self.default_tracking_params = list(tracking_params)
@@ -184,6 +196,27 @@ class ResumableMLFlowHandler(MLFlowHandler):
             atexit.register(self._end_unfinished)
             _terminate_on_sigterm()
             self._exit_hook = True
+
+    def _default_iteration_log(self, engine: Engine) -> None:
+        super()._default_iteration_log(engine)
+        optimizer = getattr(engine, "optimizer", None)
+        if optimizer is None or self.output_transform(engine.state.output) is None:
+            return
+        values = {
+            f"{name}_log10_group_{i}": math.log10(float(group[name]))
+            for name in self.log10_params for i, group in enumerate(optimizer.param_groups) if float(group[name]) > 0
+        }
+        self._log_metrics(values, step=engine.state.iteration)
+
+    def complete(self) -> None:
+        if self.model_logger is not None and self.cur_run is not None:
+            run_id = self.cur_run.info.run_id
+            try:
+                self.model_logger(run_id, self.client.tracking_uri)
+            except Exception as e:  # the training is done and saved: a model that cannot be logged must not fail it
+                logger.error("MLflow model not logged for run %s: %s: %s", run_id, type(e).__name__, e)
+                self.client.set_tag(run_id, "model_not_logged", f"{type(e).__name__}: {e}"[:5000])
+        super().complete()
 
     def _active_run(self, run_id: str):
         """The run ``run_id`` of this tracking store, set RUNNING again, or None (with a warning) when it is not

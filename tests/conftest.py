@@ -25,6 +25,7 @@ FAST = {
     "batch_size": 4,
     "num_workers": 0,
     "max_epochs": 1,
+    "log_model": False,  # the MLflow model export (~20 s): tested once, in test_workflows.py
 }
 
 

@@ -50,3 +50,32 @@ def test_logging_filter_fires_every_n_iterations_and_at_each_epoch_end():
     assert [i for i in range(1, 51) if due(engine, i)] == [10, 20, 25, 30, 40, 50]
     short = SimpleNamespace(state=SimpleNamespace(epoch_length=3))  # an epoch shorter than the interval
     assert [i for i in range(1, 7) if due(short, i)] == [3, 6]
+
+
+def test_a_model_that_cannot_be_logged_is_a_tagged_error_not_a_failed_run(tmp_path):
+    """The MLflow model is logged when the training completes; one that cannot be (SSA cannot be exported) leaves
+    the run FINISHED with the reason as the tag ``model_not_logged``, and the error in the log."""
+    import mlflow
+    from conftest import captured_logs
+    from ignite.engine import Engine
+
+    from scripts.engine import ResumableMLFlowHandler
+
+    calls = []
+
+    def cannot_export(run_id, tracking_uri):
+        calls.append((run_id, tracking_uri))
+        raise RuntimeError("Could not guard on data-dependent expression")
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    engine = Engine(lambda e, b: {"loss": 0.0})
+    ResumableMLFlowHandler(tracking_uri=uri, model_logger=cannot_export, close_on_complete=True,
+                           iteration_log=False, epoch_log=False).attach(engine)
+    with captured_logs("scripts.engine") as records:
+        engine.run([0, 1], max_epochs=1)
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert calls == [(run.info.run_id, uri)]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["model_not_logged"] == "RuntimeError: Could not guard on data-dependent expression"
+    assert any("MLflow model not logged" in r.getMessage() and r.levelname == "ERROR" for r in records)

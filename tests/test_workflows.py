@@ -7,7 +7,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, FAST, config
+from conftest import BUNDLE_ROOT, FAST, config, tokenize_reports
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
@@ -32,7 +32,7 @@ def _workflow(config_file, workflow_type, root, demo_dir, **overrides):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, demo_dir):
     root = tmp_path_factory.mktemp("bundle")
-    wf = _workflow(config("train.yaml"), "train", root, demo_dir, **FAST)
+    wf = _workflow(config("train.yaml"), "train", root, demo_dir, **{**FAST, "log_model": True})
     wf.run()
     trainer = wf.train_trainer if hasattr(wf, "train_trainer") else wf.trainer
     state = trainer.state
@@ -60,6 +60,46 @@ def test_validation_logs_the_alignment_health_to_mlflow(trained):
     for s in (4, 8, 16, 32):
         assert {f"val_align_loss_s{s}", f"val_align_top1_s{s}", f"val_align_laterality_s{s}"} <= logged
     assert {"val_align_chance", "val_align_top1_prior", "val_align_laterality_prior"} <= logged
+    # the learning rate on a readable scale (log10), not MONAI's raw value that the MLflow UI draws as 0
+    assert run.data.metrics["lr_log10_group_0"] == pytest.approx(-3.0) and "lr_group_0" not in logged
+
+
+def test_the_best_network_is_an_mlflow_model_that_loads_back_and_segments(trained):
+    """`mlflow.pytorch.log_model` at the end of training: listed among the run's logged models with a signature,
+    and `mlflow.pytorch.load_model` gives a network that reproduces model.pt's, with and without a report, at a
+    batch size other than the input example's."""
+    import mlflow
+
+    from scripts.mlflow_model import INPUT_NAMES
+    from scripts.weights import load_checkpoint
+
+    root, _ = trained
+    client = mlflow.MlflowClient(f"sqlite:///{root}/eval/mlruns.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                filter_string="tags.mlflow.runName LIKE 'train_%'")
+    assert run.info.status == "FINISHED" and "model_not_logged" not in run.data.tags
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert model.source_run_id == run.info.run_id and model.name == "model"
+    uri = f"models:/{model.model_id}"
+    mlflow.set_tracking_uri(f"sqlite:///{root}/eval/mlruns.db")  # models:/ URIs resolve through the global URI
+    try:
+        info = mlflow.models.get_model_info(uri)
+        loaded = mlflow.pytorch.load_model(uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert [s.name for s in info.signature.inputs.inputs] == list(INPUT_NAMES)
+    assert [s.name for s in info.signature.outputs.inputs] == ["pred"]
+    assert info.signature.inputs.inputs[0].shape == (-1, 1, *FAST["spatial_size"])
+    reference = load_checkpoint(TMCA(), root / "models" / "model.pt").eval()
+    ids, mask = tokenize_reports(["lower left lung.", "upper right lung.", "all right lung."])
+    mask[1] = 0  # the second sample without its report
+    image = torch.rand(1, 1, *FAST["spatial_size"], generator=torch.Generator().manual_seed(3)).repeat(3, 1, 1, 1)
+    with torch.no_grad():
+        expected, got = reference(image, ids, mask), loaded(image, ids, mask)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    assert got.shape == expected.shape == (3, 1, *FAST["spatial_size"])
+    assert (got - expected).abs().max() < 1e-3
+    assert not torch.allclose(expected[0], expected[1], atol=1e-3)  # one image: the report changed the output
 
 
 @pytest.mark.parametrize("run_id", ["evaluating", "run"])  # "run": the zoo's default, `monai.bundle run` alone

@@ -274,7 +274,9 @@ class LViTStyle(nn.Module):
         if text_ids is not None:
             text_ids = text_ids[:, : self.text_tokens]
             text_mask = torch.ones_like(text_ids) if text_mask is None else text_mask[:, : self.text_tokens]
-            if text_mask.any():  # a batch without any report skips the encoder
+            # a batch without any report skips the encoder; torch.export (MLflow's model format) cannot branch on
+            # the data and runs it always: rows without a report take the "no report" token either way
+            if torch.compiler.is_exporting() or text_mask.any():
                 states, mask = self.text_encoder(text_ids, text_mask)
                 # padding states get zero weight; zeroing them keeps that weight from meeting a non-finite value
                 states = states.masked_fill(~mask[..., None], 0.0)

@@ -38,6 +38,13 @@ class TokenStateCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __getstate__(self) -> dict:
+        # a copy or a pickle (copy.deepcopy of the network, DataLoader workers) starts empty with a lock of its own
+        return {**self.__dict__, "_entries": OrderedDict(), "_lock": None, "hits": 0, "misses": 0}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
     @staticmethod
     def keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[bytes]:
         """One key per row of B×L ids and mask (copied to the host once: a small sync on a GPU)."""
@@ -69,7 +76,9 @@ class TokenStateCache:
 
 
 def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+    # torch.export (the ONNX exporter, MLflow's pt2 model format) runs on fake tensors: no cache keys from those
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_exporting())
 
 
 class HFTextEncoder(nn.Module):
