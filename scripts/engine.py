@@ -28,7 +28,7 @@ from monai.utils import CommonKeys as Keys
 
 from scripts.console import drop_fresh_start_line
 from scripts.data import SKIPPED_KEY
-from scripts.io import atomic_torch_save
+from scripts.io import atomic_torch_save, atomic_write_text
 from scripts.precision import Autocast
 from scripts.run_record import RunRecord
 from scripts.zones import report_zones
@@ -512,6 +512,10 @@ def every_n_iterations(n: int) -> Callable[[Engine, int], bool]:
 class MetricsJsonWriter:
     """Writes an engine's final metrics, with extra fields (split, checkpoint, ...), to a JSON file on completion.
 
+    Beside MONAI's ``MetricsSaver`` (``metrics.csv``, per-image ``<metric>_raw.csv``, summaries), not instead of it:
+    ``MetricsSaver`` writes CSV only, and ``python -m bundle results``, the study's kept figures and MLflow's
+    artifact want one JSON object that says which split and checkpoint the figures belong to. Written atomically.
+
     Args:
         path: output file; its folder is created.
         extra: JSON-serialisable fields stored beside ``"metrics"``.
@@ -527,7 +531,7 @@ class MetricsJsonWriter:
     def __call__(self, engine: Engine) -> None:
         metrics = {k: float(v) for k, v in engine.state.metrics.items()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({**self.extra, "metrics": metrics}, indent=2, default=str))
+        atomic_write_text(self.path, json.dumps({**self.extra, "metrics": metrics}, indent=2, default=str))
 
 
 def loss_terms(output: Any, prefix: str = "") -> dict[str, float]:

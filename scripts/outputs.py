@@ -48,6 +48,9 @@ def _bundle_version() -> str:
 def contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
     """The boundary of a binary mask: its pixels within ``width`` pixels (4-neighbourhood) of the background.
 
+    Not ``monai.transforms.LabelToContour``: that gives a one-pixel Laplacian edge with no width, and a one-pixel
+    line vanishes on an overlay of a large radiograph; the overlay scales the width with the picture.
+
     Args:
         mask: H×W boolean.
         width: line width in pixels.
@@ -72,6 +75,9 @@ def overlay_image(
     tint: float = 0.25,
 ):
     """An RGB picture of an image with the predicted lesion outlined (and lightly tinted), and the report underneath.
+
+    Not ``monai.visualize.blend_images``: it colours the label through a matplotlib colour map and returns an array;
+    this draws one fixed colour, a contour and the report as a caption band, with PIL, which writes the PNG anyway.
 
     Args:
         image: H×W (rows × columns) intensities scaled to [0, 1].
