@@ -7,17 +7,21 @@ from __future__ import annotations
 import sys
 from types import TracebackType
 
-__all__ = ["root_cause", "install_cause_hook"]
+__all__ = ["error_chain", "root_cause", "install_cause_hook"]
+
+
+def error_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from (``raise ... from``, or raised while handling another),
+    outermost first, as Python shows them: a ``raise ... from None`` ends the chain there."""
+    chain = [error]
+    while (inner := _inner(chain[-1])) is not None and all(inner is not e for e in chain):
+        chain.append(inner)
+    return chain
 
 
 def root_cause(error: BaseException) -> BaseException:
-    """The innermost exception of ``error``'s chain (``raise ... from``, or raised while handling another), as
-    Python shows it: a ``raise ... from None`` ends the chain there."""
-    seen = {id(error)}
-    while (inner := _inner(error)) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        error = inner
-    return error
+    """The innermost exception of ``error``'s chain (:func:`error_chain`)."""
+    return error_chain(error)[-1]
 
 
 def install_cause_hook() -> None:

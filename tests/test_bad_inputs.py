@@ -14,6 +14,8 @@ from conftest import FAST, captured_logs, config
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
+from scripts.errors import error_chain
+
 
 def _nifti(path, value=None, where=(3, 4)):
     data = np.random.rand(64, 64).astype(np.float32)
@@ -85,12 +87,7 @@ MATRIX = [
 def _messages(exc: BaseException) -> str:
     """The messages of an exception and of every exception it was raised from (MONAI's config instantiation and
     datasets wrap the original error)."""
-    out, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        out.append(str(exc))
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(out)
+    return "\n".join(map(str, error_chain(exc)))
 
 
 @pytest.mark.parametrize("case, command, expected", MATRIX)

@@ -16,6 +16,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
 from scripts.engine import latest_checkpoint
+from scripts.errors import error_chain
 from scripts.run_record import read_run_record
 from scripts.networks import TMCA
 
@@ -163,11 +164,7 @@ def test_resuming_a_checkpoint_of_another_network_version_names_it(tmp_path, dem
 
 
 def _error_chain(error: BaseException) -> list[str]:
-    chain, e = [], error
-    while e is not None:
-        chain.append(str(e))
-        e = e.__cause__ or e.__context__
-    return chain
+    return [str(e) for e in error_chain(error)]
 
 
 def test_resume_refuses_a_checkpoint_of_another_run_by_name(tmp_path, demo_dir):

@@ -10,6 +10,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from scripts.dicom import DicomImageReader
+from scripts.errors import error_chain
 
 
 def _load(path, **kwargs):
@@ -89,11 +90,7 @@ def test_the_presentation_lut_shape_decides_the_inversion_as_highdicom_reads_it(
 
 def _messages(error: BaseException) -> str:
     # MONAI wraps a transform's error ("applying transform ..."); the reader's message is in the chain
-    parts = []
-    while error is not None:
-        parts.append(str(error))
-        error = error.__cause__ or error.__context__
-    return "\n".join(parts)
+    return "\n".join(map(str, error_chain(error)))
 
 
 def test_corrupt_dicom_and_missing_pixel_data_are_named(tmp_path):
