@@ -5,11 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # train.yaml's default dataset_dir
 DEMO_DIR := demo_data
-# configs instantiate `scripts.*`; MONAI evaluates `$import scripts` before it adds the bundle root to sys.path
+# `python -m bundle` and the tests import `bundle` and `scripts` from the repository root, wherever they run from
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: train test install demo-data clean dicom-tools
+.PHONY: train test install demo-data clean test-packages
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,14 +31,21 @@ train: $(STAMP) $(DEMO_DIR)/datalist.json
 	$(PY) -m monai.bundle run training --meta_file configs/metadata.json --config_file configs/train.yaml --bundle_root . \
 		--ckpt_dir eval/demo_models
 
-# the DICOM validator the SEG test runs (Debian's dicom3tools); best effort: without it that test is skipped, saying so
-dicom-tools:
-	@command -v dciodvfy >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-		{ timeout 300 apt-get install -y -qq dicom3tools >/dev/null 2>&1 || \
-		  { timeout 300 apt-get update -qq >/dev/null 2>&1 && timeout 300 apt-get install -y -qq dicom3tools >/dev/null 2>&1; }; }; } || \
-		echo "dicom3tools not installed: the dciodvfy test will be skipped"
+# Debian packages the tests run against, installed best effort: without apt-get and root the tests that need them
+# are skipped, saying so. dicom3tools: the DICOM validator (dciodvfy) of the SEG test; orthanc + orthanc-dicomweb:
+# the archive of the PACS round-trip tests
+APT_INSTALL = timeout 300 apt-get install -y -qq $(1) >/dev/null 2>&1 || \
+	{ timeout 300 apt-get update -qq >/dev/null 2>&1 && timeout 300 apt-get install -y -qq $(1) >/dev/null 2>&1; }
+CAN_APT = command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]
 
-test: $(STAMP) dicom-tools
+test-packages:
+	@command -v dciodvfy >/dev/null || { $(CAN_APT) && { $(call APT_INSTALL,dicom3tools); }; } || \
+		echo "dicom3tools not installed: the dciodvfy test will be skipped"
+	@{ command -v Orthanc >/dev/null && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; } || \
+		{ $(CAN_APT) && { $(call APT_INSTALL,orthanc orthanc-dicomweb); }; } || \
+		echo "orthanc not installed: the PACS round-trip tests will be skipped"
+
+test: $(STAMP) test-packages
 	$(PY) -m pytest tests -ra
 
 clean:

@@ -145,17 +145,30 @@ def _freetext(args: argparse.Namespace) -> int:
 
 
 def _infer_pacs(args: argparse.Namespace) -> int:
-    from bundle.infer_pacs import infer_pacs, reasons
+    from bundle.infer_pacs import infer_pacs, infer_pacs_archive, reasons
 
-    overrides = _overrides(args.set)
-    run = infer_pacs(args.input, args.output, formats=args.formats, config_files=args.config_file, ckpt=args.ckpt,
-                     device=args.device, overrides=overrides)
+    common = dict(formats=args.formats, config_files=args.config_file, ckpt=args.ckpt, device=args.device,
+                  overrides=_overrides(args.set))
+    if args.dicomweb:
+        from bundle.pacs import Credentials, DicomWebArchive, PacsError, parse_query
+
+        try:
+            archive = DicomWebArchive(args.dicomweb, Credentials.from_env(args.credentials_env),
+                                      verify=False if args.insecure else (args.ca_bundle or True))
+            run = infer_pacs_archive(archive, args.output, parse_query(args.query), args.reports, **common)
+        except (PacsError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        source = args.dicomweb
+    else:
+        run = infer_pacs(args.input, args.output, **common)
+        source = args.input
     print(run.summary())
     if run.failures:
         print(reasons(run))
     print(f"summary: {Path(args.output) / 'summary.csv'}")
     if run.done + run.already_done == 0:
-        print(f"error: no series of {args.input} was segmented", file=sys.stderr)
+        print(f"error: no series of {source} was segmented", file=sys.stderr)
         return 1
     return 0 if run.failed == 0 else 1
 
@@ -289,7 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--split", default="validation")
     ft.set_defaults(func=_freetext)
     ip = sub.add_parser("infer-pacs", help="segment every series of a DICOM export: DICOM SEG, overlays, summary.csv")
-    ip.add_argument("--input", required=True, help="the export folder (any nesting, any file names)")
+    where = ip.add_mutually_exclusive_group(required=True)
+    where.add_argument("--input", help="the export folder (any nesting, any file names)")
+    where.add_argument("--dicomweb", metavar="URL", help="a DICOMweb server's root: query, retrieve, store SEGs back")
+    ip.add_argument("--query", help="with --dicomweb: QIDO-RS study filters, e.g. 'ModalitiesInStudy=CR&StudyDate=20261130'")
+    ip.add_argument("--reports", help="with --dicomweb: folder of report sidecars <StudyInstanceUID>.txt "
+                                      "(or <AccessionNumber>.txt) for studies without an SR")
+    ip.add_argument("--credentials-env", default="PACS", metavar="PREFIX",
+                    help="credentials from <PREFIX>_TOKEN[_FILE] or <PREFIX>_USER + <PREFIX>_PASSWORD[_FILE] "
+                         "(default PACS); never from the command line")
+    ip.add_argument("--ca-bundle", help="CA certificates to verify the server's TLS certificate with")
+    ip.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (logged as a warning)")
     ip.add_argument("--output", required=True, help="results folder; a rerun skips the series already done")
     ip.add_argument("--formats", nargs="+", default=["dicom_seg", "overlay"],
                     choices=["mask", "probability", "overlay", "dicom_seg"])

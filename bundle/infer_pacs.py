@@ -1,9 +1,16 @@
-"""``python -m bundle infer-pacs``: a PACS export in, DICOM Segmentations, overlays and a summary CSV out.
+"""``python -m bundle infer-pacs``: DICOM in, DICOM Segmentations, overlays and a summary CSV out.
 
-The export is indexed by series (``datalist pacs``: reports beside the images or in DICOM SR are found), each series
-goes through the components of ``configs/inference.yaml`` (the same preprocessing, network, inferer and
+Two sources of series:
+
+- :func:`infer_pacs`, a PACS export folder: indexed by series (``datalist pacs``: reports beside the images or in
+  DICOM SR are found); a rerun on the same folders skips the series whose outputs are there.
+- :func:`infer_pacs_archive`, an archive (``bundle.pacs``): the series of the studies a query finds are retrieved
+  with their study's SR reports (or a report sidecar), segmented, and their SEG stored back into the study; a rerun
+  skips the series whose SEG the archive already holds.
+
+Each series goes through the components of ``configs/inference.yaml`` (the same preprocessing, network, inferer and
 postprocessing as ``monai.bundle run inference``), and ``summary.csv`` gets one row per series as soon as it is done,
-so an interrupted run keeps what it finished and a rerun on the same folders skips it.
+so an interrupted run keeps what it finished. A series that fails is logged, counted and retried on the next run.
 """
 
 from __future__ import annotations
@@ -24,20 +31,21 @@ import torch
 
 from bundle.load import BUNDLE_ROOT, bundle_parser, load_checkpoint
 from scripts.errors import root_cause
-from scripts.io import atomic_write_text
+from scripts.io import atomic_write, atomic_write_text
 from scripts.precision import Autocast
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FIELDS = ("series_uid", "study_uid", "modality", "source", "report", "status", "reason",
-                  "lesion_fraction", "dicom_seg", "overlay", "mask", "probability", "seconds")
+                  "lesion_fraction", "dicom_seg", "seg_sop_uid", "overlay", "mask", "probability", "seconds",
+                  "retrieve_seconds", "infer_seconds", "store_seconds")
 
 
 @dataclass
 class PacsRun:
     """Counts of one ``infer-pacs`` run."""
 
-    done: int = 0
+    done: int = 0  # segmented (and, from an archive, stored back)
     already_done: int = 0
     failed: int = 0
     unreadable_files: int = 0
@@ -160,10 +168,7 @@ def infer_pacs(
             run.failures.append((source, reason))
             row |= {"status": "failed", "reason": reason}
         else:
-            mask = result["pred"]
-            files = result.get("output_files", {})
-            row |= {"status": "done", "lesion_fraction": f"{float((mask > 0).float().mean()):.5f}",
-                    **{k: files.get(k, "") for k in ("dicom_seg", "overlay", "mask", "probability")}}
+            row |= {"status": "done", **_result_fields(result)}
             run.done += 1
             logger.info("[%d/%d] series %s: done", n, len(todo), entry["id"])
         row["seconds"] = f"{time.perf_counter() - start:.2f}"
@@ -172,6 +177,139 @@ def infer_pacs(
     if not todo:
         _write_summary(summary_path, rows, stale)
     return run
+
+
+def _result_fields(result: dict) -> dict[str, str]:
+    """Summary fields of one segmented series: lesion fraction, output files, the SEG's SOP Instance UID."""
+    files = result.get("output_files", {})
+    fields = {"lesion_fraction": f"{float((result['pred'] > 0).float().mean()):.5f}",
+              **{k: files.get(k, "") for k in ("dicom_seg", "overlay", "mask", "probability")}}
+    if fields["dicom_seg"]:
+        import pydicom
+
+        fields["seg_sop_uid"] = str(pydicom.dcmread(fields["dicom_seg"], stop_before_pixels=True).SOPInstanceUID)
+    return fields
+
+
+def infer_pacs_archive(
+    archive: Any,
+    output_dir: str | os.PathLike,
+    query: dict[str, str] | None = None,
+    reports_dir: str | os.PathLike | None = None,
+    formats: Sequence[str] = ("dicom_seg", "overlay"),
+    config_files: Sequence[str | os.PathLike] | None = None,
+    ckpt: str | os.PathLike | None = None,
+    device: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> PacsRun:
+    """Segment the image series of the studies ``query`` finds in ``archive`` and store each SEG back.
+
+    Per series: skipped when the archive already holds a SEG of it written by this bundle; otherwise retrieved
+    (with its study's SR reports) into ``<output_dir>/retrieved/<SeriesInstanceUID>/``, segmented, its SEG stored
+    into the same study, and the retrieved copy deleted. ``summary.csv`` records the stored SEG's SOP Instance UID
+    and the seconds spent retrieving, segmenting and storing.
+
+    Args:
+        archive: a :class:`bundle.pacs.DicomWebArchive` (or an object with its methods).
+        output_dir: where the SEGs, overlays and ``summary.csv`` go.
+        query: QIDO-RS study attributes (e.g. ``{"ModalitiesInStudy": "CR", "StudyDate": "20261130"}``); None: all.
+        reports_dir: report sidecars for archives without SR: ``<StudyInstanceUID>.txt`` (or
+            ``<AccessionNumber>.txt``) is the report of that study's series; an SR of the study comes first.
+        formats: outputs per series; ``dicom_seg`` is required (it is what is stored).
+        config_files, ckpt, device, overrides: as :func:`infer_pacs`.
+
+    Raises:
+        ValueError: ``formats`` without ``dicom_seg``.
+        bundle.pacs.PacsError: the query itself failed (a series that fails is counted, not raised).
+    """
+    import shutil
+
+    from bundle.datalist import build_datalist
+
+    if "dicom_seg" not in formats:
+        raise ValueError(f"formats {list(formats)}: storing back into the archive needs dicom_seg")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = output_dir / "summary.csv"
+    previous = _read_summary(summary_path)
+    refs = archive.find_series(query)
+    logger.info("%s: %d image series in the studies found (%s)", archive.url, len(refs),
+                ", ".join(f"{k}={v}" for k, v in (query or {}).items()) or "no query: every study")
+    run, rows, segmenter = PacsRun(), {}, None
+    for n, ref in enumerate(refs, 1):
+        row = {"series_uid": ref.series_uid, "study_uid": ref.study_uid, "modality": ref.modality,
+               "source": f"{archive.url}/studies/{ref.study_uid}/series/{ref.series_uid}"}
+        start = time.perf_counter()
+        folder = output_dir / "retrieved" / ref.series_uid
+        try:
+            stored = archive.stored_segmentation(ref)
+            if stored:
+                before = previous.get(ref.series_uid, {})
+                row = {**before, **row, "status": "done", "reason": "", "seg_sop_uid": stored}
+                run.already_done += 1
+                logger.info("[%d/%d] series %s: its SEG %s is in the archive already", n, len(refs),
+                            ref.series_uid, stored)
+                rows[ref.series_uid] = row
+                _write_summary(summary_path, rows, {})
+                continue
+            t0 = time.perf_counter()
+            archive.retrieve_series(ref, folder / "images")
+            archive.retrieve_reports(ref.study_uid, folder / "reports")
+            _copy_sidecar(reports_dir, folder)
+            t1 = time.perf_counter()
+            index = build_datalist("pacs", folder, skip_bad=True)
+            entry = next((e for e in index.splits["test"] if e["id"] == ref.series_uid), None)
+            if entry is None:
+                why = "; ".join(reason for _, reason in index.skipped) or "no image instances"
+                raise ValueError(f"series {ref.series_uid}: nothing to segment in what the archive returned ({why})")
+            segmenter = segmenter or _Segmenter(output_dir, formats, config_files or
+                                                [BUNDLE_ROOT / "configs" / "inference.yaml"], ckpt, device,
+                                                overrides or {})
+            result = segmenter(entry)
+            t2 = time.perf_counter()
+            fields = _result_fields(result)
+            if not fields["dicom_seg"]:
+                raise ValueError(f"series {ref.series_uid} ({ref.modality}): no DICOM SEG was written for it")
+            fields["seg_sop_uid"] = archive.store(fields["dicom_seg"])
+            t3 = time.perf_counter()
+            row |= {"report": entry.get("report", ""), "status": "done", "reason": "", **fields,
+                    "retrieve_seconds": f"{t1 - t0:.2f}", "infer_seconds": f"{t2 - t1:.2f}",
+                    "store_seconds": f"{t3 - t2:.2f}"}
+            shutil.rmtree(folder, ignore_errors=True)  # a cache: the SEG is stored and kept under output_dir
+            run.done += 1
+            logger.info("[%d/%d] series %s: segmented, SEG %s stored", n, len(refs), ref.series_uid,
+                        fields["seg_sop_uid"])
+        except Exception as e:  # one bad series must not stop the run: logged, counted, retried next run
+            reason = _root_cause(e)
+            logger.error("series %s (%s): failed: %s", ref.series_uid, row["source"], reason)
+            run.failed += 1
+            run.failures.append((row["source"], reason))
+            row |= {"status": "failed", "reason": reason}
+        row["seconds"] = f"{time.perf_counter() - start:.2f}"
+        rows[ref.series_uid] = row
+        _write_summary(summary_path, rows, {})
+    if not refs:
+        _write_summary(summary_path, rows, {})
+    return run
+
+
+def _copy_sidecar(reports_dir: str | os.PathLike | None, folder: Path) -> None:
+    """``<reports_dir>/<StudyInstanceUID>.txt`` (or ``<AccessionNumber>.txt``) of the retrieved series as
+    ``<folder>/report.txt``, where ``datalist pacs`` finds a report beside the images."""
+    if reports_dir is None:
+        return
+    import pydicom
+
+    first = next((folder / "images").glob("*.dcm"), None)
+    if first is None:
+        return
+    ds = pydicom.dcmread(first, stop_before_pixels=True)
+    for key in (ds.get("StudyInstanceUID"), ds.get("AccessionNumber")):
+        sidecar = Path(reports_dir) / f"{key}.txt" if key else None
+        if sidecar is not None and sidecar.is_file():
+            data = sidecar.read_bytes()  # as it is: the indexer reads it under its own encoding rules
+            atomic_write(folder / "report.txt", lambda f: f.write(data))
+            return
 
 
 def _write_summary(path: Path, rows: dict[str, dict], stale: dict[str, dict]) -> None:

@@ -24,6 +24,7 @@ from scripts.io import atomic_write
 
 __all__ = [
     "OUTPUT_FORMATS",
+    "SEG_MANUFACTURER",
     "SaveOutputsd",
     "SaveMaskLikeInputd",
     "contour",
@@ -36,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = ("mask", "probability", "overlay", "dicom_seg")
 _BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+
+
+# the Manufacturer of every SEG this bundle writes: how a PACS round trip recognises its own segmentations
+SEG_MANUFACTURER = "Language-guided segmentation bundle"
 
 
 def _bundle_version() -> str:
@@ -229,7 +234,7 @@ def dicom_segmentation(
         series_number=series_number,
         sop_instance_uid=hd.UID(),
         instance_number=1,
-        manufacturer="Language-guided segmentation bundle",
+        manufacturer=SEG_MANUFACTURER,
         manufacturer_model_name=algorithm_name,
         software_versions=version,
         device_serial_number="none",

@@ -1,0 +1,193 @@
+"""``infer-pacs`` against a real archive: Orthanc with its DICOMweb plugin on 127.0.0.1 (Debian's ``orthanc`` and
+``orthanc-dicomweb``, which the repository's test command installs where apt-get and root are available)."""
+
+import csv
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import requests
+from pydicom.data import get_testdata_file
+from test_datalist import _sr
+from test_dicom import make_ct_series
+
+from bundle.__main__ import main
+from bundle.pacs import Credentials, DicomWebArchive, PacsError, parse_query
+
+ORTHANC = shutil.which("Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+USER, PASSWORD = "alice", "s3cret"
+REPORT = "Patchy opacity in the left lower zone; the right lung is clear."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """A fresh Orthanc (HTTP with basic auth, DICOMweb at /dicom-web) for this module; yields its HTTP root."""
+    if ORTHANC is None or not DICOMWEB_PLUGIN.is_file():
+        pytest.skip("Orthanc and its DICOMweb plugin are not installed (Debian: apt-get install orthanc "
+                    "orthanc-dicomweb; the repository's test command does it where apt-get and root are there)")
+    root = tmp_path_factory.mktemp("orthanc")
+    http, dimse = _free_port(), _free_port()
+    config = {
+        "Name": "test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+        "HttpPort": http, "DicomPort": dimse, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
+        "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = (root / "orthanc.log").open("w")
+    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http}"
+    for _ in range(100):
+        try:
+            if requests.get(f"{url}/system", auth=(USER, PASSWORD), timeout=1).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"Orthanc exited at start: {(root / 'orthanc.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("Orthanc did not answer within 20 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+def _upload(url: str, paths) -> None:
+    for path in paths:
+        r = requests.post(f"{url}/instances", data=Path(path).read_bytes(), auth=(USER, PASSWORD), timeout=30)
+        r.raise_for_status()
+
+
+@pytest.fixture(scope="module")
+def studies(orthanc, tmp_path_factory):
+    """A real radiograph (pydicom's RG1_UNCR.dcm, CR, no report) and a 3-slice CT series with an SR report of its
+    study, stored in the archive. Returns {modality: (study_uid, series_uid, folder of its files)}."""
+    root = tmp_path_factory.mktemp("upload")
+    ct_uid = make_ct_series(root / "ct", n=3, gap=2.0)
+    ct = pydicom.dcmread(next((root / "ct").iterdir()), stop_before_pixels=True)
+    _sr(root / "sr" / "sr.dcm", str(ct.StudyInstanceUID), REPORT)
+    sr = pydicom.dcmread(root / "sr" / "sr.dcm")
+    sr.PatientID, sr.PatientName = ct.PatientID, ct.PatientName  # one patient, as in a real archive
+    sr.save_as(root / "sr" / "sr.dcm", enforce_file_format=True)
+    cr_path = Path(get_testdata_file("RG1_UNCR.dcm"))
+    (root / "cr").mkdir()
+    shutil.copy(cr_path, root / "cr" / cr_path.name)
+    cr = pydicom.dcmread(cr_path, stop_before_pixels=True)
+    _upload(orthanc, [*(root / "ct").iterdir(), root / "sr" / "sr.dcm", root / "cr" / cr_path.name])
+    return {"CT": (str(ct.StudyInstanceUID), ct_uid, root / "ct"),
+            "CR": (str(cr.StudyInstanceUID), str(cr.SeriesInstanceUID), root / "cr")}
+
+
+def _archive(orthanc: str) -> DicomWebArchive:
+    return DicomWebArchive(f"{orthanc}/dicom-web", Credentials(user=USER, password=PASSWORD))
+
+
+def _segs(orthanc: str, study_uid: str) -> list[pydicom.Dataset]:
+    """Every SEG instance of the study, read back through DICOMweb."""
+    client = _archive(orthanc).client
+    out = []
+    for series in client.search_for_series(study_uid, search_filters={"Modality": "SEG"}):
+        out += client.retrieve_series(study_uid, series["0020000E"]["Value"][0])
+    return out
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    with (out / "summary.csv").open(newline="") as f:
+        return {row["series_uid"]: row for row in csv.DictReader(f)}
+
+
+def test_dicomweb_query_retrieve_segment_store_and_a_rerun_stores_nothing_twice(orthanc, studies, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setenv("PACS_USER", USER)
+    monkeypatch.setenv("PACS_PASSWORD", PASSWORD)
+    out = tmp_path / "out"
+    args = ["infer-pacs", "--dicomweb", f"{orthanc}/dicom-web", "--output", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    rows = _rows(out)
+    assert {rows[uid]["modality"] for _, uid, _ in studies.values()} == {"CT", "CR"}
+    assert rows[studies["CT"][1]]["report"] == REPORT  # from the study's SR, retrieved with the series
+    assert rows[studies["CR"][1]]["report"] == ""
+    assert not (out / "retrieved").exists() or not any((out / "retrieved").iterdir())  # the cache is cleared
+
+    for modality, (study_uid, series_uid, folder) in studies.items():
+        row = rows[series_uid]
+        assert row["status"] == "done" and float(row["retrieve_seconds"]) >= 0 and float(row["store_seconds"]) >= 0
+        (stored,) = _segs(orthanc, study_uid)
+        assert stored.SOPInstanceUID == row["seg_sop_uid"]
+        seg = hd.seg.Segmentation.from_dataset(stored)
+        (ref_study, ref_series, ref_instance), = seg.get_source_image_uids()
+        assert (ref_study, ref_series) == (study_uid, series_uid)
+        sources = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: pydicom.dcmread(p, stop_before_pixels=True)
+                   for p in folder.iterdir()}
+        source = sources[ref_instance]
+        assert (stored.Rows, stored.Columns) == (source.Rows, source.Columns)
+        if modality == "CT":  # the middle slice, at its place in the patient
+            position = stored.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient
+            assert np.allclose([float(v) for v in position], [float(v) for v in source.ImagePositionPatient])
+        # the pixels stored are the ones written here, and the summary's lesion fraction is theirs
+        local = pydicom.dcmread(row["dicom_seg"])
+        assert np.array_equal(stored.pixel_array, local.pixel_array)
+        assert float(row["lesion_fraction"]) == pytest.approx(np.asarray(stored.pixel_array, bool).mean(), abs=1e-5)
+
+    # idempotent: the second run finds both SEGs in the archive and stores nothing
+    assert main(args) == 0
+    rows_again = _rows(out)
+    for study_uid, series_uid, _ in studies.values():
+        assert len(_segs(orthanc, study_uid)) == 1
+        assert rows_again[series_uid]["seg_sop_uid"] == rows[series_uid]["seg_sop_uid"]
+        assert rows_again[series_uid]["status"] == "done"
+
+
+def test_a_query_selects_the_studies(orthanc, studies, tmp_path, monkeypatch):
+    refs = _archive(orthanc).find_series(parse_query("ModalitiesInStudy=CR"))
+    assert [(r.study_uid, r.series_uid, r.modality) for r in refs] == [(*studies["CR"][:2], "CR")]
+    assert parse_query("StudyDate=20261130&ModalitiesInStudy=CT") == {"StudyDate": "20261130",
+                                                                      "ModalitiesInStudy": "CT"}
+    with pytest.raises(ValueError, match="'CT' is not KEY=VALUE"):
+        parse_query("StudyDate=20261130&CT")
+
+
+def test_wrong_credentials_and_a_wrong_url_name_the_request_and_the_status(orthanc, studies, tmp_path, capsys,
+                                                                             monkeypatch):
+    archive = DicomWebArchive(f"{orthanc}/dicom-web", Credentials(user=USER, password="wrong"), retries=0)
+    with pytest.raises(PacsError, match=r"QIDO-RS studies: GET http://127\.0\.0\.1:\d+/dicom-web/studies.*HTTP 401"):
+        archive.find_series()
+    monkeypatch.setenv("PACS_USER", USER)
+    monkeypatch.setenv("PACS_PASSWORD", PASSWORD)
+    assert main(["infer-pacs", "--dicomweb", f"{orthanc}/no-such-root", "--output", str(tmp_path / "o")]) == 1
+    assert "HTTP 404" in capsys.readouterr().err
+    closed = f"http://127.0.0.1:{_free_port()}/dicom-web"
+    with pytest.raises(PacsError, match=f"QIDO-RS studies: {closed}: ConnectionError"):
+        DicomWebArchive(closed, retries=1, backoff=0.01).find_series()
+
+
+def test_credentials_come_from_the_environment_or_files_never_the_command_line(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("abc\n")
+    assert Credentials.from_env(environ={"PACS_TOKEN_FILE": str(token)}) == Credentials(token="abc")
+    assert Credentials.from_env(environ={"PACS_USER": "u", "PACS_PASSWORD": "p"}) == Credentials(user="u", password="p")
+    assert Credentials.from_env(environ={}) == Credentials()
+    with pytest.raises(ValueError, match="PACS_USER and PACS_PASSWORD"):
+        Credentials.from_env(environ={"PACS_USER": "u"})
+    with pytest.raises(ValueError, match="both set"):
+        Credentials.from_env(environ={"PACS_TOKEN": "t", "PACS_USER": "u", "PACS_PASSWORD": "p"})
+    with pytest.raises(ValueError, match="PACS_TOKEN_FILE=.*cannot read it"):
+        Credentials.from_env(environ={"PACS_TOKEN_FILE": str(tmp_path / "missing")})
+    assert "p" not in Credentials(user="u", password="p").describe()
