@@ -149,17 +149,21 @@ def _infer_pacs(args: argparse.Namespace) -> int:
 
     common = dict(formats=args.formats, config_files=args.config_file, ckpt=args.ckpt, device=args.device,
                   overrides=_overrides(args.set))
-    if args.dicomweb:
-        from bundle.pacs import Credentials, DicomWebArchive, PacsError, parse_query
+    if args.dicomweb or args.dimse:
+        from bundle.pacs import (Credentials, DicomWebArchive, DimseArchive, PacsError, parse_dimse_address,
+                                 parse_query)
 
         try:
-            archive = DicomWebArchive(args.dicomweb, Credentials.from_env(args.credentials_env),
-                                      verify=False if args.insecure else (args.ca_bundle or True))
+            if args.dicomweb:
+                archive = DicomWebArchive(args.dicomweb, Credentials.from_env(args.credentials_env),
+                                          verify=False if args.insecure else (args.ca_bundle or True))
+            else:
+                archive = DimseArchive(*parse_dimse_address(args.dimse), calling_aet=args.calling_aet)
             run = infer_pacs_archive(archive, args.output, parse_query(args.query), args.reports, **common)
         except (PacsError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        source = args.dicomweb
+        source = archive.url
     else:
         run = infer_pacs(args.input, args.output, **common)
         source = args.input
@@ -305,9 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     where = ip.add_mutually_exclusive_group(required=True)
     where.add_argument("--input", help="the export folder (any nesting, any file names)")
     where.add_argument("--dicomweb", metavar="URL", help="a DICOMweb server's root: query, retrieve, store SEGs back")
-    ip.add_argument("--query", help="with --dicomweb: QIDO-RS study filters, e.g. 'ModalitiesInStudy=CR&StudyDate=20261130'")
-    ip.add_argument("--reports", help="with --dicomweb: folder of report sidecars <StudyInstanceUID>.txt "
+    where.add_argument("--dimse", metavar="AET@HOST:PORT", help="an archive over DIMSE (C-FIND, C-GET, C-STORE)")
+    ip.add_argument("--query", help="with --dicomweb/--dimse: study filters (QIDO-RS attributes, C-FIND keys), "
+                                    "e.g. 'ModalitiesInStudy=CR&StudyDate=20261130'")
+    ip.add_argument("--reports", help="with --dicomweb/--dimse: folder of report sidecars <StudyInstanceUID>.txt "
                                       "(or <AccessionNumber>.txt) for studies without an SR")
+    ip.add_argument("--calling-aet", default="LGSEG", help="with --dimse: this bundle's AE title (default LGSEG)")
     ip.add_argument("--credentials-env", default="PACS", metavar="PREFIX",
                     help="credentials from <PREFIX>_TOKEN[_FILE] or <PREFIX>_USER + <PREFIX>_PASSWORD[_FILE] "
                          "(default PACS); never from the command line")

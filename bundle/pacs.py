@@ -3,7 +3,8 @@ segmentations back, and recognise the segmentations stored before.
 
 :class:`DicomWebArchive` speaks DICOMweb (QIDO-RS, WADO-RS, STOW-RS) through ``dicomweb-client``; requests go
 through one ``requests`` session that carries the credentials, verifies TLS and retries with backoff where that is
-safe. Every failure is a :class:`PacsError` that names the request (method, URL) and the HTTP status.
+safe. :class:`DimseArchive` speaks DIMSE (C-FIND, C-GET, C-STORE) through ``pynetdicom``, for archives without
+DICOMweb. Every failure is a :class:`PacsError` that names the request (what, where, the status).
 
 Credentials never come from the command line (it shows in ``ps`` and shell histories): :meth:`Credentials.from_env`
 reads a bearer token or a user and password from environment variables, each value either in the variable or in a
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +26,8 @@ from urllib.parse import parse_qsl
 from scripts.io import atomic_write
 from scripts.outputs import SEG_MANUFACTURER
 
-__all__ = ["Credentials", "DicomWebArchive", "PacsError", "SeriesRef", "parse_query"]
+__all__ = ["Credentials", "DicomWebArchive", "DimseArchive", "PacsError", "SeriesRef", "parse_dimse_address",
+           "parse_query"]
 
 logger = logging.getLogger(__name__)
 
@@ -258,3 +262,198 @@ def _save(ds: Any, folder: Path) -> Path:
     path = folder / f"{ds.SOPInstanceUID}.dcm"
     atomic_write(path, lambda f: ds.save_as(f, enforce_file_format=True))
     return path
+
+
+# what a C-GET may bring back (the SCU takes the storage SCP role for these): the image classes the bundle reads,
+# the reports it reads and the segmentations it recognises
+_GET_STORAGE_CLASSES = (
+    "CTImageStorage", "EnhancedCTImageStorage", "MRImageStorage", "EnhancedMRImageStorage",
+    "ComputedRadiographyImageStorage", "DigitalXRayImageStorageForPresentation",
+    "DigitalXRayImageStorageForProcessing", "DigitalMammographyXRayImageStorageForPresentation",
+    "SecondaryCaptureImageStorage", "MultiFrameGrayscaleByteSecondaryCaptureImageStorage",
+    "MultiFrameGrayscaleWordSecondaryCaptureImageStorage", "BasicTextSRStorage", "EnhancedSRStorage",
+    "ComprehensiveSRStorage", "SegmentationStorage",
+)
+
+
+def parse_dimse_address(address: str) -> tuple[str, str, int]:
+    """``AET@HOST:PORT`` → (AE title, host, port).
+
+    Raises:
+        ValueError: naming the address and the form expected.
+    """
+    aet, at, rest = address.rpartition("@")
+    host, colon, port = rest.rpartition(":")
+    if not (at and aet and colon and host and port.isdigit()):
+        raise ValueError(f"--dimse {address!r}: expected AET@HOST:PORT, e.g. ORTHANC@pacs.example.org:4242")
+    return aet, host, int(port)
+
+
+class DimseArchive:
+    """A DICOM archive over DIMSE (``pynetdicom``): C-FIND to query, C-GET to retrieve (the SCU takes the
+    storage role in the same association, so the archive needs no route back to this machine, unlike C-MOVE),
+    C-STORE to store. The archive must know this bundle's AE title (``calling_aet``) as a modality allowed to
+    find, get and store.
+
+    Args:
+        called_aet, host, port: the archive's AE title and address.
+        calling_aet: this bundle's AE title.
+        retries: new attempts when the association cannot be set up (no answer, refused), with backoff.
+        backoff: seconds before the first retry, doubling after each.
+        timeout: seconds for the association and each DIMSE answer.
+    """
+
+    def __init__(
+        self,
+        called_aet: str,
+        host: str,
+        port: int,
+        calling_aet: str = "LGSEG",
+        retries: int = 3,
+        backoff: float = 0.5,
+        timeout: float = 60.0,
+    ) -> None:
+        self.called_aet, self.host, self.port, self.calling_aet = called_aet, host, int(port), calling_aet
+        self.retries, self.backoff, self.timeout = retries, backoff, timeout
+        self.url = f"dicom://{called_aet}@{host}:{port}"
+        logger.info("archive %s (DIMSE, calling AE title %s)", self.url, calling_aet)
+
+    @contextmanager
+    def _association(self, what: str, contexts: list, ext_neg: list | None = None,
+                     handlers: list | None = None) -> Iterator[Any]:
+        from pynetdicom import AE
+
+        ae = AE(ae_title=self.calling_aet)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        for context in contexts:
+            ae.add_requested_context(context)
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            assoc = ae.associate(self.host, self.port, ae_title=self.called_aet, ext_neg=ext_neg or [],
+                                 evt_handlers=handlers or [])
+            if assoc.is_established:
+                break
+            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
+            if assoc.is_rejected or attempt == self.retries:  # a rejection is the archive's answer: no retry
+                raise PacsError(f"{what}: {self.url}: association {why} (is {self.calling_aet} a known modality "
+                                "of the archive?)" if assoc.is_rejected else f"{what}: {self.url}: association {why}")
+            logger.warning("%s: %s: association %s, retrying in %.1f s", what, self.url, why, delay)
+            time.sleep(delay)
+            delay *= 2
+        try:
+            yield assoc
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _status(self, code: int | None) -> str:
+        if code is None:  # the association ended without a status: how archives refuse an AE title they do not know
+            return (f"got no answer (the archive ended the association: does it let AE title {self.calling_aet} "
+                    "do this?)")
+        return f"status 0x{code:04X}"
+
+    def _find(self, what: str, level: str, keys: Mapping[str, str]) -> list[Any]:
+        from pydicom.dataset import Dataset
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+        query = Dataset()
+        query.QueryRetrieveLevel = level
+        for key, value in keys.items():
+            setattr(query, key, value)
+        found = []
+        with self._association(what, [FIND]) as assoc:
+            for status, identifier in assoc.send_c_find(query, FIND):
+                code = getattr(status, "Status", None)
+                if code in (0xFF00, 0xFF01):
+                    found.append(identifier)
+                elif code != 0x0000:
+                    raise PacsError(f"{what}: {self.url}: C-FIND {self._status(code)}")
+        return found
+
+    def _get(self, what: str, study_uid: str, series_uid: str, folder: Path) -> list[Path]:
+        from pydicom.dataset import Dataset
+        from pynetdicom import build_role, evt, sop_class
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+
+        storage = [getattr(sop_class, name) for name in _GET_STORAGE_CLASSES]
+        files: list[Path] = []
+
+        def on_store(event: Any) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            files.append(_save(ds, folder))
+            return 0x0000
+
+        query = Dataset()
+        query.QueryRetrieveLevel = "SERIES"
+        query.StudyInstanceUID, query.SeriesInstanceUID = study_uid, series_uid
+        with self._association(what, [GET, *storage], [build_role(uid, scp_role=True) for uid in storage],
+                               [(evt.EVT_C_STORE, on_store)]) as assoc:
+            last = None
+            for last, _ in assoc.send_c_get(query, GET):
+                pass
+        final = getattr(last, "Status", None)
+        failed = int(getattr(last, "NumberOfFailedSuboperations", 0) or 0)
+        if final not in (0x0000, 0xB000) or failed:
+            raise PacsError(f"{what}: {self.url}: C-GET {self._status(final)}"
+                            f"{f', {failed} instance(s) not sent' if failed else ''}")
+        return files
+
+    def find_series(self, query: Mapping[str, str] | None = None) -> list[SeriesRef]:
+        """As :meth:`DicomWebArchive.find_series`, by C-FIND at study then series level."""
+        studies = self._find("C-FIND studies", "STUDY", {"StudyInstanceUID": "", **dict(query or {})})
+        found: list[SeriesRef] = []
+        for study_uid in dict.fromkeys(str(s.StudyInstanceUID) for s in studies):
+            series = self._find(f"C-FIND series of study {study_uid}", "SERIES",
+                                {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "", "Modality": ""})
+            found += [ref for ref in dict.fromkeys(
+                SeriesRef(study_uid, str(s.SeriesInstanceUID), str(s.get("Modality", ""))) for s in series
+                if str(s.get("Modality", "")).upper() not in NON_IMAGE_MODALITIES) if ref not in found]
+        return found
+
+    def retrieve_series(self, ref: SeriesRef, folder: str | os.PathLike) -> list[Path]:
+        """C-GET: the series' instances written to ``folder`` as ``<SOPInstanceUID>.dcm`` (each atomically)."""
+        return self._get(f"C-GET series {ref.series_uid}", ref.study_uid, ref.series_uid, Path(folder))
+
+    def retrieve_reports(self, study_uid: str, folder: str | os.PathLike) -> list[Path]:
+        """C-GET: the study's SR series written to ``folder``."""
+        files: list[Path] = []
+        for s in self._find(f"C-FIND SR series of study {study_uid}", "SERIES",
+                            {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "", "Modality": "SR"}):
+            files += self._get(f"C-GET SR series {s.SeriesInstanceUID}", study_uid, str(s.SeriesInstanceUID),
+                               Path(folder))
+        return files
+
+    def stored_segmentation(self, ref: SeriesRef) -> str | None:
+        """As :meth:`DicomWebArchive.stored_segmentation`; the SEG series of the study are fetched (C-GET) to
+        read their references, which C-FIND does not return."""
+        import tempfile
+
+        import pydicom
+
+        for s in self._find(f"C-FIND SEG series of study {ref.study_uid}", "SERIES",
+                            {"StudyInstanceUID": ref.study_uid, "SeriesInstanceUID": "", "Modality": "SEG"}):
+            with tempfile.TemporaryDirectory() as tmp:
+                for path in self._get(f"C-GET SEG series {s.SeriesInstanceUID}", ref.study_uid,
+                                      str(s.SeriesInstanceUID), Path(tmp)):
+                    seg = pydicom.dcmread(path, stop_before_pixels=True)
+                    referenced = {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])}
+                    if seg.get("Manufacturer") == SEG_MANUFACTURER and ref.series_uid in referenced:
+                        return str(seg.SOPInstanceUID)
+        return None
+
+    def store(self, path: str | os.PathLike) -> str:
+        """C-STORE of the DICOM file ``path``; returns its SOP Instance UID.
+
+        Raises:
+            PacsError: no association, or a status other than success.
+        """
+        import pydicom
+
+        ds = pydicom.dcmread(path)
+        with self._association(f"C-STORE {Path(path).name}", [ds.SOPClassUID]) as assoc:
+            status = assoc.send_c_store(ds)
+        code = getattr(status, "Status", None)
+        if code != 0x0000:
+            raise PacsError(f"C-STORE {Path(path).name}: {self.url}: C-STORE {self._status(code)}")
+        return str(ds.SOPInstanceUID)

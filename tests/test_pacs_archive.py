@@ -15,15 +15,17 @@ import pydicom
 import pytest
 import requests
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 from test_datalist import _sr
 from test_dicom import make_ct_series
 
 from bundle.__main__ import main
-from bundle.pacs import Credentials, DicomWebArchive, PacsError, parse_query
+from bundle.pacs import Credentials, DicomWebArchive, DimseArchive, PacsError, parse_dimse_address, parse_query
 
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 USER, PASSWORD = "alice", "s3cret"
+CALLING_AET = "LGSEG"
 REPORT = "Patchy opacity in the left lower zone; the right lung is clear."
 
 
@@ -46,6 +48,8 @@ def orthanc(tmp_path_factory):
         "HttpPort": http, "DicomPort": dimse, "RemoteAccessAllowed": False,
         "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
         "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        # the bundle's AE title as a known modality, allowed to C-FIND and C-GET (its port is never used)
+        "DicomAet": "ORTHANC", "DicomModalities": {"bundle": [CALLING_AET, "127.0.0.1", 11112]},
     }
     (root / "orthanc.json").write_text(json.dumps(config))
     log = (root / "orthanc.log").open("w")
@@ -63,7 +67,7 @@ def orthanc(tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("Orthanc did not answer within 20 s")
-    yield url
+    yield url, dimse
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
@@ -75,33 +79,37 @@ def _upload(url: str, paths) -> None:
         r.raise_for_status()
 
 
-@pytest.fixture(scope="module")
-def studies(orthanc, tmp_path_factory):
+def _studies(url: str, root: Path) -> dict:
     """A real radiograph (pydicom's RG1_UNCR.dcm, CR, no report) and a 3-slice CT series with an SR report of its
-    study, stored in the archive. Returns {modality: (study_uid, series_uid, folder of its files)}."""
-    root = tmp_path_factory.mktemp("upload")
-    ct_uid = make_ct_series(root / "ct", n=3, gap=2.0)
+    study, under new UIDs, stored in the archive. Returns {modality: (study_uid, series_uid, folder of its files)}."""
+    ct_uid = make_ct_series(root / "ct", n=3, gap=2.0, study_uid=generate_uid())
     ct = pydicom.dcmread(next((root / "ct").iterdir()), stop_before_pixels=True)
     _sr(root / "sr" / "sr.dcm", str(ct.StudyInstanceUID), REPORT)
     sr = pydicom.dcmread(root / "sr" / "sr.dcm")
     sr.PatientID, sr.PatientName = ct.PatientID, ct.PatientName  # one patient, as in a real archive
     sr.save_as(root / "sr" / "sr.dcm", enforce_file_format=True)
-    cr_path = Path(get_testdata_file("RG1_UNCR.dcm"))
+    cr = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    cr.StudyInstanceUID, cr.SeriesInstanceUID = generate_uid(), generate_uid()
+    cr.SOPInstanceUID = cr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     (root / "cr").mkdir()
-    shutil.copy(cr_path, root / "cr" / cr_path.name)
-    cr = pydicom.dcmread(cr_path, stop_before_pixels=True)
-    _upload(orthanc, [*(root / "ct").iterdir(), root / "sr" / "sr.dcm", root / "cr" / cr_path.name])
+    cr.save_as(root / "cr" / "cr.dcm", enforce_file_format=True)
+    _upload(url, [*(root / "ct").iterdir(), root / "sr" / "sr.dcm", root / "cr" / "cr.dcm"])
     return {"CT": (str(ct.StudyInstanceUID), ct_uid, root / "ct"),
             "CR": (str(cr.StudyInstanceUID), str(cr.SeriesInstanceUID), root / "cr")}
 
 
-def _archive(orthanc: str) -> DicomWebArchive:
-    return DicomWebArchive(f"{orthanc}/dicom-web", Credentials(user=USER, password=PASSWORD))
+@pytest.fixture(scope="module")
+def studies(orthanc, tmp_path_factory):
+    return _studies(orthanc[0], tmp_path_factory.mktemp("upload"))
 
 
-def _segs(orthanc: str, study_uid: str) -> list[pydicom.Dataset]:
+def _archive(url: str) -> DicomWebArchive:
+    return DicomWebArchive(f"{url}/dicom-web", Credentials(user=USER, password=PASSWORD))
+
+
+def _segs(url: str, study_uid: str) -> list[pydicom.Dataset]:
     """Every SEG instance of the study, read back through DICOMweb."""
-    client = _archive(orthanc).client
+    client = _archive(url).client
     out = []
     for series in client.search_for_series(study_uid, search_filters={"Modality": "SEG"}):
         out += client.retrieve_series(study_uid, series["0020000E"]["Value"][0])
@@ -113,12 +121,9 @@ def _rows(out: Path) -> dict[str, dict]:
         return {row["series_uid"]: row for row in csv.DictReader(f)}
 
 
-def test_dicomweb_query_retrieve_segment_store_and_a_rerun_stores_nothing_twice(orthanc, studies, tmp_path,
-                                                                                  monkeypatch):
-    monkeypatch.setenv("PACS_USER", USER)
-    monkeypatch.setenv("PACS_PASSWORD", PASSWORD)
-    out = tmp_path / "out"
-    args = ["infer-pacs", "--dicomweb", f"{orthanc}/dicom-web", "--output", str(out), "--device", "cpu"]
+def _round_trip(args: list[str], url: str, studies: dict, out: Path) -> None:
+    """Runs ``infer-pacs`` twice: the first run stores one SEG per series, checked by reading it back from the
+    archive (references, geometry, pixels); the second stores nothing."""
     assert main(args) == 0
     rows = _rows(out)
     assert {rows[uid]["modality"] for _, uid, _ in studies.values()} == {"CT", "CR"}
@@ -129,13 +134,12 @@ def test_dicomweb_query_retrieve_segment_store_and_a_rerun_stores_nothing_twice(
     for modality, (study_uid, series_uid, folder) in studies.items():
         row = rows[series_uid]
         assert row["status"] == "done" and float(row["retrieve_seconds"]) >= 0 and float(row["store_seconds"]) >= 0
-        (stored,) = _segs(orthanc, study_uid)
+        (stored,) = _segs(url, study_uid)
         assert stored.SOPInstanceUID == row["seg_sop_uid"]
         seg = hd.seg.Segmentation.from_dataset(stored)
         (ref_study, ref_series, ref_instance), = seg.get_source_image_uids()
         assert (ref_study, ref_series) == (study_uid, series_uid)
-        sources = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: pydicom.dcmread(p, stop_before_pixels=True)
-                   for p in folder.iterdir()}
+        sources = {d.SOPInstanceUID: d for d in (pydicom.dcmread(p, stop_before_pixels=True) for p in folder.iterdir())}
         source = sources[ref_instance]
         assert (stored.Rows, stored.Columns) == (source.Rows, source.Columns)
         if modality == "CT":  # the middle slice, at its place in the patient
@@ -150,32 +154,64 @@ def test_dicomweb_query_retrieve_segment_store_and_a_rerun_stores_nothing_twice(
     assert main(args) == 0
     rows_again = _rows(out)
     for study_uid, series_uid, _ in studies.values():
-        assert len(_segs(orthanc, study_uid)) == 1
+        assert len(_segs(url, study_uid)) == 1
         assert rows_again[series_uid]["seg_sop_uid"] == rows[series_uid]["seg_sop_uid"]
         assert rows_again[series_uid]["status"] == "done"
 
 
-def test_a_query_selects_the_studies(orthanc, studies, tmp_path, monkeypatch):
-    refs = _archive(orthanc).find_series(parse_query("ModalitiesInStudy=CR"))
-    assert [(r.study_uid, r.series_uid, r.modality) for r in refs] == [(*studies["CR"][:2], "CR")]
+def test_dicomweb_query_retrieve_segment_store_and_a_rerun_stores_nothing_twice(orthanc, studies, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setenv("PACS_USER", USER)
+    monkeypatch.setenv("PACS_PASSWORD", PASSWORD)
+    url, _ = orthanc
+    out = tmp_path / "out"
+    _round_trip(["infer-pacs", "--dicomweb", f"{url}/dicom-web", "--output", str(out), "--device", "cpu"], url,
+                studies, out)
+
+
+def test_dimse_find_get_segment_store_and_a_rerun_stores_nothing_twice(orthanc, tmp_path):
+    url, port = orthanc
+    studies = _studies(url, tmp_path / "upload")
+    out = tmp_path / "out"
+    query = "StudyInstanceUID=" + "\\".join(uid for uid, _, _ in studies.values())  # C-FIND's UID list matching
+    _round_trip(["infer-pacs", "--dimse", f"ORTHANC@127.0.0.1:{port}", "--calling-aet", CALLING_AET, "--query", query,
+                 "--output", str(out), "--device", "cpu"], url, studies, out)
+
+
+def test_a_query_selects_the_studies(orthanc, studies):
+    url, port = orthanc
+    dimse = DimseArchive("ORTHANC", "127.0.0.1", port, calling_aet=CALLING_AET)
+    for refs in (_archive(url).find_series(parse_query("ModalitiesInStudy=CR")),
+                 dimse.find_series({"ModalitiesInStudy": "CR"})):
+        assert {r.modality for r in refs} == {"CR"} and studies["CR"][:2] in {(r.study_uid, r.series_uid) for r in refs}
     assert parse_query("StudyDate=20261130&ModalitiesInStudy=CT") == {"StudyDate": "20261130",
                                                                       "ModalitiesInStudy": "CT"}
     with pytest.raises(ValueError, match="'CT' is not KEY=VALUE"):
         parse_query("StudyDate=20261130&CT")
+    assert parse_dimse_address("ORTHANC@pacs.example.org:4242") == ("ORTHANC", "pacs.example.org", 4242)
+    with pytest.raises(ValueError, match="expected AET@HOST:PORT"):
+        parse_dimse_address("pacs.example.org:4242")
 
 
 def test_wrong_credentials_and_a_wrong_url_name_the_request_and_the_status(orthanc, studies, tmp_path, capsys,
                                                                              monkeypatch):
-    archive = DicomWebArchive(f"{orthanc}/dicom-web", Credentials(user=USER, password="wrong"), retries=0)
+    url, port = orthanc
+    archive = DicomWebArchive(f"{url}/dicom-web", Credentials(user=USER, password="wrong"), retries=0)
     with pytest.raises(PacsError, match=r"QIDO-RS studies: GET http://127\.0\.0\.1:\d+/dicom-web/studies.*HTTP 401"):
         archive.find_series()
     monkeypatch.setenv("PACS_USER", USER)
     monkeypatch.setenv("PACS_PASSWORD", PASSWORD)
-    assert main(["infer-pacs", "--dicomweb", f"{orthanc}/no-such-root", "--output", str(tmp_path / "o")]) == 1
+    assert main(["infer-pacs", "--dicomweb", f"{url}/no-such-root", "--output", str(tmp_path / "o")]) == 1
     assert "HTTP 404" in capsys.readouterr().err
-    closed = f"http://127.0.0.1:{_free_port()}/dicom-web"
-    with pytest.raises(PacsError, match=f"QIDO-RS studies: {closed}: ConnectionError"):
-        DicomWebArchive(closed, retries=1, backoff=0.01).find_series()
+    closed = _free_port()
+    with pytest.raises(PacsError, match=f"QIDO-RS studies: http://127.0.0.1:{closed}/dicom-web: ConnectionError"):
+        DicomWebArchive(f"http://127.0.0.1:{closed}/dicom-web", retries=1, backoff=0.01).find_series()
+    # DIMSE: an AE title the archive does not know may not query; nobody listening
+    refused = f"C-FIND studies: dicom://ORTHANC@127.0.0.1:{port}: C-FIND got no answer .*STRANGER"
+    with pytest.raises(PacsError, match=refused):
+        DimseArchive("ORTHANC", "127.0.0.1", port, calling_aet="STRANGER").find_series()
+    with pytest.raises(PacsError, match=f"C-FIND studies: dicom://ORTHANC@127.0.0.1:{closed}: association"):
+        DimseArchive("ORTHANC", "127.0.0.1", closed, retries=1, backoff=0.01, timeout=5).find_series()
 
 
 def test_credentials_come_from_the_environment_or_files_never_the_command_line(tmp_path):
