@@ -366,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied DICOM module
+    # per request: pynetdicom logs each association and query dataset, dicomweb-client each request
+    for name in ("pynetdicom", "dicomweb_client"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return args.func(args)
 
 
