@@ -125,8 +125,7 @@ class DicomWebArchive:
         credentials: sent with every request (basic auth or ``Authorization: Bearer``).
         verify: TLS verification: True (default, the system's CAs), a CA bundle path, or False (logged as a
             warning: the server's identity is not checked).
-        retries: attempts after the first for connection errors, and for 429/5xx answers to reads (GET); a store
-            (POST) is retried only when it never reached the server.
+        retries: attempts after the first for connection errors and 429/5xx answers (dicomweb-client's retry).
         backoff: seconds before the first retry, doubling after each.
         timeout: seconds per request (connect and read).
     """
@@ -142,8 +141,6 @@ class DicomWebArchive:
     ) -> None:
         import requests
         from dicomweb_client.api import DICOMwebClient
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
 
         self.url = url.rstrip("/")
         credentials = credentials or Credentials()
@@ -155,27 +152,34 @@ class DicomWebArchive:
         session.verify = verify
         if verify is False:
             logger.warning("%s: TLS certificates are not verified (--insecure)", self.url)
-        retry = Retry(total=retries, connect=retries, read=retries, status=retries, backoff_factor=backoff,
-                      status_forcelist=(429, 500, 502, 503, 504), allowed_methods=frozenset({"GET", "HEAD"}),
-                      raise_on_status=False)
-        for scheme in ("http://", "https://"):
-            session.mount(scheme, HTTPAdapter(max_retries=retry))
         self.client = DICOMwebClient(self.url, session=session, timeout=timeout)
+        # dicomweb-client's own retry: a connection error, or 429/500/502/503/504, is tried again after
+        # backoff·2^n seconds; for a store too, which is safe here: the SEG has a fixed SOP Instance UID, so a
+        # repeated store replaces it rather than adding a copy
+        self.client.set_http_retry_params(retry=retries > 0, max_attempts=retries + 1,
+                                          wait_exponential_multiplier=int(backoff * 1000),
+                                          retriable_error_codes=(429, 500, 502, 503, 504))
         logger.info("archive %s (DICOMweb, %s)", self.url, credentials.describe())
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)`` with requests' errors turned into a :class:`PacsError` naming the request."""
+        """``fn(*args, **kwargs)`` with the errors of requests (and of dicomweb-client's retry, once its attempts
+        are spent) turned into a :class:`PacsError` naming the request and the status."""
         import requests
+        from retrying import RetryError
 
         try:
             return fn(*args, **kwargs)
         except requests.HTTPError as e:
-            response = e.response
-            request = f"{response.request.method} {response.url}" if response is not None else self.url
-            status = f"HTTP {response.status_code} {response.reason}" if response is not None else str(e)
-            raise PacsError(f"{what}: {request}: {status}") from e
+            raise PacsError(f"{what}: {_described(e.response, self.url)}") from e
         except requests.RequestException as e:
             raise PacsError(f"{what}: {self.url}: {type(e).__name__}: {e}") from e
+        except RetryError as e:  # the last attempt still answered a retriable status (or raised)
+            last = e.last_attempt
+            if last.has_exception:
+                error = last.value[1]
+                raise PacsError(f"{what}: {self.url}: {type(error).__name__}: {error}") from error
+            raise PacsError(f"{what}: {_described(last.value, self.url)} "
+                            f"(after {last.attempt_number} attempts)") from None
 
     def _search(self, what: str, fn: Callable[..., list], *args: Any, **kwargs: Any) -> list[dict]:
         """Every result of a QIDO-RS search, page by page. Not dicomweb-client's ``get_remaining``: it pages until
@@ -255,6 +259,13 @@ class DicomWebArchive:
             raise PacsError(f"STOW-RS {Path(path).name}: {self.url} refused instance {ds.SOPInstanceUID} "
                             f"(failure reason {reason})")
         return str(ds.SOPInstanceUID)
+
+
+def _described(response: Any, url: str) -> str:
+    """``METHOD URL: HTTP status reason`` of a ``requests`` response (``url`` when there is none)."""
+    if response is None:
+        return url
+    return f"{response.request.method} {response.url}: HTTP {response.status_code} {response.reason}"
 
 
 def _save(ds: Any, folder: Path) -> Path:

@@ -227,3 +227,84 @@ def test_credentials_come_from_the_environment_or_files_never_the_command_line(t
     with pytest.raises(ValueError, match="PACS_TOKEN_FILE=.*cannot read it"):
         Credentials.from_env(environ={"PACS_TOKEN_FILE": str(tmp_path / "missing")})
     assert "p" not in Credentials(user="u", password="p").describe()
+
+
+def test_a_series_that_fails_is_counted_and_retried_by_the_next_run(orthanc, tmp_path, monkeypatch, capsys):
+    from test_dicom import make_dx
+
+    url, _ = orthanc
+    (tmp_path / "dx").mkdir()
+    dx = make_dx(tmp_path / "dx" / "IM1", np.full((40, 40), 3000), with_pixels=False)
+    dx.StudyInstanceUID = generate_uid()
+    dx.save_as(tmp_path / "dx" / "IM1", enforce_file_format=True)
+    _upload(url, [tmp_path / "dx" / "IM1"])
+    monkeypatch.setenv("PACS_USER", USER)
+    monkeypatch.setenv("PACS_PASSWORD", PASSWORD)
+    args = ["infer-pacs", "--dicomweb", f"{url}/dicom-web", "--query", f"StudyInstanceUID={dx.StudyInstanceUID}",
+            "--output", str(tmp_path / "out"), "--device", "cpu"]
+    for _ in range(2):  # the second run tries it again: no SEG of it is in the archive
+        assert main(args) == 1
+        assert "segmented: 0, already done: 0, failed: 1" in capsys.readouterr().out
+        row = _rows(tmp_path / "out")[dx.SeriesInstanceUID]
+        assert row["status"] == "failed" and "no pixel data" in row["reason"]
+    assert _segs(url, dx.StudyInstanceUID) == []
+
+
+class _Flaky:
+    """A local HTTP server answering 503 to the first ``failures`` requests, then ``body`` (DICOM JSON)."""
+
+    def __init__(self, failures: int, body: bytes = b"[]") -> None:
+        import http.server
+        import threading
+
+        self.requests: list[str] = []
+        flaky = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                flaky.requests.append(self.command)
+                if len(flaky.requests) <= failures:
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+
+
+def test_busy_servers_and_lost_connections_are_retried_with_backoff(tmp_path):
+    flaky = _Flaky(failures=2)
+    try:
+        assert DicomWebArchive(flaky.url, retries=3, backoff=0.01).find_series() == []
+        assert flaky.requests == ["GET", "GET", "GET"]  # two 503s, then the answer
+        flaky.requests.clear()
+        with pytest.raises(PacsError, match=r"QIDO-RS studies: GET .*: HTTP 503"):
+            DicomWebArchive(flaky.url, retries=1, backoff=0.01).find_series()  # out of retries: the status, named
+    finally:
+        flaky.server.shutdown()
+
+    seg = tmp_path / "seg.dcm"
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.save_as(seg, enforce_file_format=True)
+    flaky = _Flaky(failures=1, body=b"{}")  # a busy archive, then an empty STOW-RS answer (nothing failed)
+    try:
+        assert DicomWebArchive(flaky.url, retries=3, backoff=0.01).store(seg) == ds.SOPInstanceUID
+        assert flaky.requests == ["POST", "POST"]  # the same instance again: a fixed UID, no second copy
+    finally:
+        flaky.server.shutdown()
+    closed = _free_port()  # nobody listening: tried 1 + 2 times, then the error, promptly
+    start = time.perf_counter()
+    with pytest.raises(PacsError, match=f"QIDO-RS studies: http://127.0.0.1:{closed}/dicom-web: ConnectionError"):
+        DicomWebArchive(f"http://127.0.0.1:{closed}/dicom-web", retries=2, backoff=0.01).find_series()
+    assert time.perf_counter() - start < 10
