@@ -308,3 +308,22 @@ def test_busy_servers_and_lost_connections_are_retried_with_backoff(tmp_path):
     with pytest.raises(PacsError, match=f"QIDO-RS studies: http://127.0.0.1:{closed}/dicom-web: ConnectionError"):
         DicomWebArchive(f"http://127.0.0.1:{closed}/dicom-web", retries=2, backoff=0.01).find_series()
     assert time.perf_counter() - start < 10
+
+
+def test_a_report_sidecar_guides_a_study_without_sr(orthanc, tmp_path, monkeypatch):
+    url, _ = orthanc
+    cr = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    cr.StudyInstanceUID, cr.SeriesInstanceUID = generate_uid(), generate_uid()
+    cr.SOPInstanceUID = cr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    cr.save_as(tmp_path / "cr.dcm", enforce_file_format=True)
+    _upload(url, [tmp_path / "cr.dcm"])
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / f"{cr.StudyInstanceUID}.txt").write_text("Opacity in the right upper zone.\n")
+    monkeypatch.setenv("PACS_USER", USER)
+    monkeypatch.setenv("PACS_PASSWORD", PASSWORD)
+    assert main(["infer-pacs", "--dicomweb", f"{url}/dicom-web", "--query", f"StudyInstanceUID={cr.StudyInstanceUID}",
+                 "--reports", str(tmp_path / "reports"), "--output", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    row = _rows(tmp_path / "out")[cr.SeriesInstanceUID]
+    assert row["status"] == "done" and row["report"] == "Opacity in the right upper zone."
+    (stored,) = _segs(url, cr.StudyInstanceUID)
+    assert "Opacity in the right upper zone" in stored.ContentDescription  # the SEG records the report it used
