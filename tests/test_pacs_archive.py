@@ -327,3 +327,14 @@ def test_a_report_sidecar_guides_a_study_without_sr(orthanc, tmp_path, monkeypat
     assert row["status"] == "done" and row["report"] == "Opacity in the right upper zone."
     (stored,) = _segs(url, cr.StudyInstanceUID)
     assert "Opacity in the right upper zone" in stored.ContentDescription  # the SEG records the report it used
+
+
+def test_tls_is_verified_unless_turned_off_loudly(tmp_path):
+    from conftest import captured_logs
+
+    assert DicomWebArchive("https://pacs.example.org/dicomweb").client._session.verify is True
+    ca = tmp_path / "ca.pem"
+    assert DicomWebArchive("https://pacs.example.org/dicomweb", verify=str(ca)).client._session.verify == str(ca)
+    with captured_logs("bundle.pacs") as records:
+        assert DicomWebArchive("https://pacs.example.org/dicomweb", verify=False).client._session.verify is False
+    assert any("not verified" in r.getMessage() and r.levelname == "WARNING" for r in records)
