@@ -51,6 +51,14 @@ class PacsRun:
     unreadable_files: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
 
+    def record_failure(self, series_uid: str, source: str, error: BaseException) -> dict[str, str]:
+        """Logs and counts a series that failed; returns its summary fields (status, reason)."""
+        reason = _root_cause(error)
+        logger.error("series %s (%s): failed: %s", series_uid, source, reason)
+        self.failed += 1
+        self.failures.append((source, reason))
+        return {"status": "failed", "reason": reason}
+
     def summary(self) -> str:
         return (f"segmented: {self.done}, already done: {self.already_done}, failed: {self.failed}, "
                 f"unreadable files skipped: {self.unreadable_files}")
@@ -162,11 +170,7 @@ def infer_pacs(
         try:
             result = segmenter(entry)
         except Exception as e:  # one bad series must not stop the export: logged, counted, retried next run
-            reason = _root_cause(e)
-            logger.error("series %s (%s): failed: %s", entry["id"], source, reason)
-            run.failed += 1
-            run.failures.append((source, reason))
-            row |= {"status": "failed", "reason": reason}
+            row |= run.record_failure(entry["id"], source, e)
         else:
             row |= {"status": "done", **_result_fields(result)}
             run.done += 1
@@ -280,11 +284,7 @@ def infer_pacs_archive(
             logger.info("[%d/%d] series %s: segmented, SEG %s stored", n, len(refs), ref.series_uid,
                         fields["seg_sop_uid"])
         except Exception as e:  # one bad series must not stop the run: logged, counted, retried next run
-            reason = _root_cause(e)
-            logger.error("series %s (%s): failed: %s", ref.series_uid, row["source"], reason)
-            run.failed += 1
-            run.failures.append((row["source"], reason))
-            row |= {"status": "failed", "reason": reason}
+            row |= run.record_failure(ref.series_uid, row["source"], e)
         row["seconds"] = f"{time.perf_counter() - start:.2f}"
         rows[ref.series_uid] = row
         _write_summary(summary_path, rows, {})
