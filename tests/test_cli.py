@@ -54,7 +54,7 @@ def test_run_training_with_tracking_logs_one_complete_mlflow_run(tmp_path, demo_
     run = runs[0]
     assert run.info.status == "FINISHED"
     expected = {
-        "train_loss", "train_loss_dice", "train_loss_bce", "train_loss_align", "train_loss_map", "lr_group_0",
+        "train_loss", "train_loss_dice", "train_loss_bce", "train_loss_align", "train_loss_map", "lr_log10_group_0",
         "train_dice_mean", "val_dice_mean", "val_dice_pooled", "val_iou_mean", "val_iou_pooled",
     } | {f"train_loss_align_s{s}" for s in (4, 8, 16, 32)}
     assert expected <= set(run.data.metrics)
