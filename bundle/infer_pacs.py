@@ -80,19 +80,23 @@ def _is_done(row: dict | None) -> bool:
 
 
 class _Segmenter:
-    """The inference config's components, built once: ``__call__(entry)`` runs one datalist entry end to end."""
+    """The inference config's components, built once: ``__call__(entry)`` runs one datalist entry end to end.
+
+    ``config_files`` None: ``configs/inference.yaml``; the other arguments as :func:`infer_pacs`.
+    """
 
     def __init__(
         self,
         output_dir: Path,
         formats: Sequence[str],
-        config_files: Sequence[str | os.PathLike],
-        ckpt: str | os.PathLike | None,
-        device: str | None,
-        overrides: dict[str, Any],
+        config_files: Sequence[str | os.PathLike] | None = None,
+        ckpt: str | os.PathLike | None = None,
+        device: str | None = None,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
+        config_files = config_files or [BUNDLE_ROOT / "configs" / "inference.yaml"]
         self.parser = bundle_parser(config_files, {"output_dir": str(output_dir), "output_formats": list(formats),
-                                                   **overrides})
+                                                   **(overrides or {})})
         if device:
             self.parser["device"] = f"$torch.device('{device}')"
         self.device = self.parser.get_parsed_content("device")
@@ -160,8 +164,7 @@ def infer_pacs(
     run.already_done = len(entries) - len(todo)
     rows = {uid: row for uid, row in previous.items() if _is_done(row)}
     stale = {uid: row for uid, row in previous.items() if uid not in rows}
-    segmenter = _Segmenter(output_dir, formats, config_files or [BUNDLE_ROOT / "configs" / "inference.yaml"], ckpt,
-                           device, overrides or {}) if todo else None
+    segmenter = _Segmenter(output_dir, formats, config_files, ckpt, device, overrides) if todo else None
     for n, entry in enumerate(todo, 1):
         source = entry["image"] if isinstance(entry["image"], str) else entry["image"][0]
         row = {"series_uid": entry["id"], "study_uid": entry.get("study", ""), "modality": entry.get("modality", ""),
@@ -266,9 +269,7 @@ def infer_pacs_archive(
             if entry is None:
                 why = "; ".join(reason for _, reason in index.skipped) or "no image instances"
                 raise ValueError(f"series {ref.series_uid}: nothing to segment in what the archive returned ({why})")
-            segmenter = segmenter or _Segmenter(output_dir, formats, config_files or
-                                                [BUNDLE_ROOT / "configs" / "inference.yaml"], ckpt, device,
-                                                overrides or {})
+            segmenter = segmenter or _Segmenter(output_dir, formats, config_files, ckpt, device, overrides)
             result = segmenter(entry)
             t2 = time.perf_counter()
             fields = _result_fields(result)

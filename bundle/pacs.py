@@ -276,7 +276,8 @@ def _save(ds: Any, folder: Path) -> Path:
 
 
 # what a C-GET may bring back (the SCU takes the storage SCP role for these): the image classes the bundle reads,
-# the reports it reads and the segmentations it recognises
+# the reports it reads and the segmentations it recognises. A named subset, not pynetdicom's StoragePresentationContexts:
+# an association holds at most 128 presentation contexts, and the C-GET model's own context must fit beside them.
 _GET_STORAGE_CLASSES = (
     "CTImageStorage", "EnhancedCTImageStorage", "MRImageStorage", "EnhancedMRImageStorage",
     "ComputedRadiographyImageStorage", "DigitalXRayImageStorageForPresentation",
