@@ -445,7 +445,10 @@ class ReportBank:
     """Fills a network's report bank (``TMCA(report_bank=True)``) with every distinct report of the training
     datalist, tokenised with the config's tokenizer, when training starts.
 
-    A network without a bank switched on is left alone (one log line says so).
+    A network without a bank switched on is left alone (one log line says so). A bank whose trainer does not hand
+    the network the batch's zone raster (``zones`` among ``prepare_batch#text_keys``) matches reports by their token
+    ids alone, so a rephrased report has no positive in the bank and takes no part in the bank term: a warning says
+    so when training starts.
 
     Args:
         network: the network module (``network_def``, not a DDP wrapper), with ``set_report_bank``.
@@ -463,6 +466,12 @@ class ReportBank:
             logger.info("report bank: off for %s", type(self.network).__name__)
             return
         engine.add_event_handler(Events.STARTED, self)
+        text_keys = getattr(getattr(engine, "prepare_batch", None), "text_keys", None)
+        if text_keys is not None and "zones" not in text_keys:
+            logger.warning(
+                "report bank: prepare_batch#text_keys %s does not pass 'zones', so the bank matches reports by their "
+                "token ids only (a rephrased report takes no part in the bank term); add zones: zones to use the "
+                "lung-zone soft targets", dict(text_keys))
 
     def __call__(self, engine: Engine | None = None) -> None:
         texts = sorted({e[self.report_key].strip() for e in self.datalist

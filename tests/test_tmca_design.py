@@ -146,6 +146,23 @@ def test_report_bank_is_filled_at_start_and_replaces_the_batch_as_candidates(tok
         ReportBank(net, [{"image": "x"}], TokenizeReport())()
 
 
+def test_report_bank_warns_when_the_trainer_does_not_pass_the_zones(caplog):
+    from ignite.engine import Engine
+
+    from scripts.engine import ReportBank, ReportPrepareBatch
+    from scripts.transforms import TokenizeReport
+
+    net = TMCA(report_bank=True, enhancement=False)
+    for text_keys, warned in (({"text_ids": "report_ids", "text_mask": "report_mask"}, True),
+                              ({"text_ids": "report_ids", "text_mask": "report_mask", "zones": "zones"}, False)):
+        engine = Engine(lambda e, b: None)
+        engine.prepare_batch = ReportPrepareBatch(text_keys)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="scripts.engine"):
+            ReportBank(net, [{"report": "lower left lung."}], TokenizeReport()).attach(engine)
+        assert any("does not pass 'zones'" in r.getMessage() for r in caplog.records) is warned, text_keys
+
+
 def test_train_config_with_the_report_bank_runs(demo_dir, tmp_path):
     from monai.bundle import ConfigWorkflow
 
