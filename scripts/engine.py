@@ -23,7 +23,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 from monai.engines import IterationEvents, PrepareBatch, SupervisedEvaluator, SupervisedTrainer
 from ignite.handlers import DiskSaver
-from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler
+from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler, MLFlowHandler
 from monai.utils import CommonKeys as Keys
 
 from scripts.console import drop_fresh_start_line
@@ -94,9 +94,10 @@ class ReportPrepareBatch(PrepareBatch):
         return image, None if label is None else to(label), (), text
 
 
-def _drop_duplicate_trackers(handlers: Sequence | None) -> list | None:
-    """Keep the first ``MLFlowHandler`` of a handler list.
+def _usable_handlers(handlers: Sequence | None) -> list | None:
+    """The handlers of a list to attach: without ``None`` entries, and with only the first ``MLFlowHandler``.
 
+    A rank-0 handler that a list references by id (``'@validate#best_checkpoint'``) is ``None`` on the other ranks.
     The bundle's configs track with MLflow by themselves; ``--tracking mlflow`` appends MONAI's default handler,
     which would log every value twice into the same run. Its executed-config artifact is kept.
     """
@@ -105,6 +106,8 @@ def _drop_duplicate_trackers(handlers: Sequence | None) -> list | None:
     kept: list = []
     first: MLFlowHandler | None = None
     for handler in handlers:
+        if handler is None:
+            continue
         if isinstance(handler, MLFlowHandler):
             if first is None:
                 first = handler
@@ -342,7 +345,7 @@ class SegmentationTrainer(SupervisedTrainer):
         device_type = _device_type(kwargs)
         if compute_dtype is torch.float16 and device_type == "cuda":  # fp16 needs MONAI's gradient scaler
             kwargs.update(amp=True, amp_kwargs={"dtype": torch.float16})
-        super().__init__(*args, train_handlers=_drop_duplicate_trackers(train_handlers), **kwargs)
+        super().__init__(*args, train_handlers=_usable_handlers(train_handlers), **kwargs)
         _autocast_forward(self, device_type, compute_dtype)
         drop_fresh_start_line(self.logger)
         self.loss_function = _NamedTerms(self.loss_function)
@@ -368,7 +371,7 @@ class SegmentationEvaluator(SupervisedEvaluator):
         **kwargs: Any,
     ) -> None:
         device_type = _device_type(kwargs)
-        super().__init__(*args, val_handlers=_drop_duplicate_trackers(val_handlers), **kwargs)
+        super().__init__(*args, val_handlers=_usable_handlers(val_handlers), **kwargs)
         _autocast_forward(self, device_type, compute_dtype)
         self.add_event_handler(Events.STARTED, _reset_counts)
         drop_fresh_start_line(self.logger)
@@ -649,6 +652,48 @@ class AtomicCheckpointSaver(CheckpointSaver):
             if Path(replaces).resolve().parent == Path(handler.dirname).resolve():
                 handler.remove(Path(replaces).name)
 
+    def state_dict(self) -> dict[str, list[tuple[float, str]]]:
+        """The best key-metric scores saved so far, as ``[(score, filename)]``: a training checkpoint that holds
+        them lets a resumed run replace ``model.pt`` only with a better model, as the run before the interruption
+        would have (ignite forgets them with the process)."""
+        if self._key_metric_checkpoint is None:
+            return {"best": []}
+        return {"best": [(float(p), str(f)) for p, f in self._key_metric_checkpoint.state_dict()["_saved"]]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self._key_metric_checkpoint is not None:
+            self._key_metric_checkpoint.load_state_dict({"_saved": [tuple(item) for item in state["best"]]})
+
+
+class ResumableEarlyStopHandler(EarlyStopHandler):
+    """MONAI's ``EarlyStopHandler`` (same arguments) whose patience counter and best score go into the training
+    checkpoint (``train#checkpoint_state``): without them a resumed run would start counting its patience from
+    zero and compare against no best score."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._pending: Mapping[str, Any] | None = None
+        super().__init__(*args, **kwargs)
+
+    def set_trainer(self, trainer: Engine) -> None:
+        super().set_trainer(trainer)
+        if self._pending is not None:
+            self._handler.load_state_dict(self._pending)
+            self._pending = None
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._handler is None:
+            raise RuntimeError("ResumableEarlyStopHandler: set_trainer() before saving its state")
+        state = dict(self._handler.state_dict())
+        if state["best_score"] is not None:  # a numpy or tensor score would not load with weights_only
+            state["best_score"] = float(state["best_score"])
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self._handler is None:  # restored before set_trainer: applied when the trainer is set
+            self._pending = dict(state)
+        else:
+            self._handler.load_state_dict(state)
+
 
 class CheckedCheckpointLoader(CheckpointLoader):
     """MONAI's ``CheckpointLoader`` (same arguments) whose errors name the checkpoint and the problem: a missing,
@@ -678,9 +723,21 @@ class ResumeLoader(CheckedCheckpointLoader):
     """
 
     def __call__(self, engine: Engine) -> None:
+        complete = Path(self.load_path).is_file() and _is_complete(Path(self.load_path))
+        # mmap: only the key names are read here, not the tensors
+        saved = torch.load(self.load_path, map_location="cpu", weights_only=True, mmap=True) if complete else None
         for name, obj in list(self.load_dict.items()):
-            if isinstance(obj, RunRecord) and obj.resumed is None:
+            if obj is None:
+                self.load_dict.pop(name)  # a rank-0 handler (the best-model saver) on another rank
+            elif isinstance(obj, RunRecord) and obj.resumed is None:
                 self.load_dict.pop(name)  # a checkpoint taken with --resume_foreign that holds no record
+            elif isinstance(obj, (AtomicCheckpointSaver, ResumableEarlyStopHandler)) and saved is not None \
+                    and name not in saved:
+                self.load_dict.pop(name)
+                logger.warning("%s: written before the checkpoint kept '%s': the resumed run starts it afresh "
+                               "(%s)", self.load_path, name,
+                               "the first validation replaces model.pt" if isinstance(obj, AtomicCheckpointSaver)
+                               else "the early-stop patience counts from 0")
         super().__call__(engine)
         for name, obj in self.load_dict.items():
             if not isinstance(obj, torch.optim.Optimizer):

@@ -274,6 +274,30 @@ def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, caplog):
         latest_checkpoint(tmp_path)
 
 
+def test_resume_from_a_checkpoint_written_before_it_kept_the_best_score(tmp_path, caplog):
+    """A training checkpoint of an earlier version holds no best score and no early-stop state: the run resumes,
+    saying that it starts both afresh."""
+    from ignite.engine import Engine
+
+    from scripts.engine import AtomicCheckpointSaver, ResumableEarlyStopHandler, ResumeLoader
+
+    net = torch.nn.Linear(2, 1)
+    torch.save({"model": {k: v + 1 for k, v in net.state_dict().items()}}, tmp_path / "checkpoint_epoch=1.pt")
+    saver = AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, save_key_metric=True,
+                                  key_metric_filename="model.pt")
+    early_stop = ResumableEarlyStopHandler(patience=2, score_function=lambda e: 0.0)
+    loader = ResumeLoader(load_path=str(tmp_path / "checkpoint_epoch=1.pt"),
+                          load_dict={"model": net, "best_model": saver, "early_stop": early_stop, "other_rank": None})
+    engine = Engine(lambda e, b: None)
+    engine.state.max_epochs = 2
+    with caplog.at_level(logging.WARNING, logger="scripts.engine"):
+        loader(engine)
+    assert torch.equal(net.weight, torch.load(tmp_path / "checkpoint_epoch=1.pt")["model"]["weight"])
+    assert "written before the checkpoint kept 'best_model'" in caplog.text and "replaces model.pt" in caplog.text
+    assert "'early_stop'" in caplog.text and "patience counts from 0" in caplog.text
+    assert saver.state_dict() == {"best": []}
+
+
 def _qata_like(root):
     from test_datalist import _folder_set
 

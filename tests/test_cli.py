@@ -104,15 +104,24 @@ def test_resume_continues_the_epoch_counter(tmp_path, demo_dir):
     first.finalize()
     assert trainer.state.epoch == 1
     assert [p.name for p in (tmp_path / "models").glob("checkpoint_*.pt")] == ["checkpoint_epoch=1.pt"]
+    # the best score and the early-stop state go into the training checkpoint
+    checkpoint = tmp_path / "models" / "checkpoint_epoch=1.pt"
+    saved = torch.load(checkpoint, weights_only=True)
+    (best, _), = saved["best_model"]["best"]
+    assert saved["early_stop"]["best_score"] == pytest.approx(best) and saved["early_stop"]["counter"] == 0
 
     resumed = _train(tmp_path, demo_dir, max_epochs=3, resume=True)
-    epochs_run = []
+    epochs_run, restored = [], []
     resumed.trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs_run.append(e.state.epoch))
+    resumed.trainer.add_event_handler(Events.EPOCH_STARTED(once=2), lambda e: restored.append(
+        (resumed.parser.get_parsed_content("validate#best_checkpoint").state_dict(),
+         resumed.parser.get_parsed_content("validate#early_stop").state_dict())))
     resumed.run()
     state = resumed.trainer.state
     scheduler = resumed.parser.get_parsed_content("lr_scheduler")
     resumed.finalize()
     assert epochs_run == [2, 3]
+    assert restored[0][0] == saved["best_model"] and restored[0][1] == saved["early_stop"]
     assert state.epoch == 3 and state.iteration == 3 * epoch_length
     assert scheduler.last_epoch == 3  # the LR schedule continued too
     assert lr_after_1 < FAST.get("learning_rate", 0.001)

@@ -1,8 +1,16 @@
 import pytest
 import torch
+from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
-from scripts.engine import ReportPrepareBatch, _drop_duplicate_trackers, latest_checkpoint, loss_terms
+from scripts.engine import (
+    AtomicCheckpointSaver,
+    ReportPrepareBatch,
+    ResumableEarlyStopHandler,
+    _usable_handlers,
+    latest_checkpoint,
+    loss_terms,
+)
 
 
 def test_prepare_batch_passes_reports_as_keywords_and_tolerates_their_absence():
@@ -21,7 +29,7 @@ def test_a_second_mlflow_handler_is_merged_into_the_first(tmp_path):
     ours = MLFlowHandler(tracking_uri=uri, artifacts=[str(tmp_path / "model.pt")])
     added = MLFlowHandler(tracking_uri=uri, artifacts=str(tmp_path / "config.json"))
     other = object()
-    kept = _drop_duplicate_trackers([ours, other, added])
+    kept = _usable_handlers([ours, None, other, added])
     assert kept == [ours, other]
     assert ours.artifacts == (str(tmp_path / "model.pt"), str(tmp_path / "config.json"))
 
@@ -79,3 +87,55 @@ def test_a_model_that_cannot_be_logged_is_a_tagged_error_not_a_failed_run(tmp_pa
     assert run.info.status == "FINISHED"
     assert run.data.tags["model_not_logged"] == "RuntimeError: Could not guard on data-dependent expression"
     assert any("MLflow model not logged" in r.getMessage() and r.levelname == "ERROR" for r in records)
+
+
+def _scored(score: float, epoch: int) -> Engine:
+    """An evaluator that has just computed its key metric."""
+    engine = Engine(lambda e, b: None)
+    engine.state.epoch, engine.state.iteration = epoch, epoch
+    engine.state.key_metric_name = "val_dice_mean"
+    engine.state.metrics = {"val_dice_mean": score}
+    return engine
+
+
+def test_a_resumed_best_model_saver_replaces_model_pt_only_with_a_better_model(tmp_path):
+    net = torch.nn.Linear(2, 1)
+
+    def saver() -> AtomicCheckpointSaver:
+        return AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, save_key_metric=True,
+                                     key_metric_filename="model.pt")
+
+    first = saver()
+    first.metrics_completed(_scored(0.8, 1))
+    best = torch.load(tmp_path / "model.pt", weights_only=True)["weight"].clone()
+    state = first.state_dict()
+    assert [score for score, _ in state["best"]] == [pytest.approx(0.8)]
+
+    with torch.no_grad():
+        net.weight.add_(1.0)  # the weights go on changing after the interruption
+    resumed = saver()
+    resumed.load_state_dict(state)
+    resumed.metrics_completed(_scored(0.7, 2))  # worse than the best before the interruption
+    assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], best)
+    resumed.metrics_completed(_scored(0.9, 3))
+    assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], net.weight)
+    assert [score for score, _ in resumed.state_dict()["best"]] == [pytest.approx(0.9)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_a_resumed_early_stop_keeps_counting_its_patience():
+    def handler() -> ResumableEarlyStopHandler:
+        return ResumableEarlyStopHandler(patience=2, score_function=lambda e: e.state.metrics["val_dice_mean"])
+
+    first, trainer = handler(), Engine(lambda e, b: None)
+    first.set_trainer(trainer)
+    for epoch, score in enumerate((0.8, 0.7), 1):
+        first(_scored(score, epoch))
+    state = first.state_dict()
+    assert state["counter"] == 1 and state["best_score"] == pytest.approx(0.8) and not trainer.should_terminate
+
+    resumed, trainer = handler(), Engine(lambda e, b: None)
+    resumed.load_state_dict(state)  # the resume loader runs before the trainer is set
+    resumed.set_trainer(trainer)
+    resumed(_scored(0.75, 3))  # the second epoch without improvement: patience 2 is used up
+    assert trainer.should_terminate
