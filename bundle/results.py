@@ -107,7 +107,9 @@ def seed_table(paths: Iterable[str | Path], baseline: str | None = None) -> str:
         cells += [mean_sd([rows[row][s][k] for s in seeds if not math.isnan(rows[row][s][k])] or [math.nan])
                   for k in COLUMNS]
         cells.append(", ".join(f"s{s} {rows[row][s]['val_dice_mean']:.4f}" for s in seeds))
-        if baseline:
+        if baseline == row:
+            cells += ["—", "—"]
+        elif baseline:
             shared = sorted(set(seeds) & set(rows[baseline]))
             ahead = sum(rows[row][s]["val_dice_mean"] > rows[baseline][s]["val_dice_mean"] for s in shared)
             cells += [f"{dice(row) - dice(baseline):+.4f}", f"{ahead}/{len(shared)}"]
