@@ -133,14 +133,15 @@ def _results(args: argparse.Namespace) -> int:
 
 
 def _freetext(args: argparse.Namespace) -> int:
-    from bundle.freetext import write_freetext_datalists
+    from bundle.freetext import write_freetext_datalists, write_handwritten_datalist
 
     try:
         free, none = write_freetext_datalists(args.datalist, args.split)
+        hand = write_handwritten_datalist(args.datalist, args.split)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{free}\n{none}")
+    print(f"{free}\n{none}\n{hand}")
     return 0
 
 
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--seeds", action="store_true",
                     help="runs named <row>_s<seed>: one row each, mean ± sd over seeds and the per-seed Dice")
     rs.set_defaults(func=_results)
-    ft = sub.add_parser("freetext", help="held-out free-text and no-report copies of a datalist's validation split")
+    ft = sub.add_parser("freetext", help="held-out free-text, hand-written and no-report copies of a datalist's validation split")
     ft.add_argument("datalist", help="the datalist JSON; the copies are written beside it")
     ft.add_argument("--split", default="validation")
     ft.set_defaults(func=_freetext)

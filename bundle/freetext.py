@@ -7,6 +7,10 @@ datalist (``configs/evaluate.yaml`` with ``--datalist``) gives the validation Di
 free-text reports and no report. The rules here share no finding word, no location wording and no clear-side
 sentence with the augmentation's (``tests/test_freetext.py`` checks it), so a model cannot score well on this set by
 having learned the augmentation's phrasings. Each rewrite is a fixed function of the sample's id.
+
+``<stem>_handwritten.json`` holds the split's samples whose zones one of the report sentences written by hand in
+``bundle/handwritten_reports.json`` names (by its hand label, not by the parser), each with one such sentence: free
+text that neither rule set wrote, read by a parser that was not written for it.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from scripts.io import atomic_write_text
-from scripts.zones import SIDES, report_zones
+from scripts.zones import LEVELS, SIDES, report_zones
 
-__all__ = ["EVAL_FINDINGS", "freetext_report", "write_freetext_datalists"]
+__all__ = ["EVAL_FINDINGS", "HANDWRITTEN_REPORTS", "freetext_report", "write_freetext_datalists",
+           "write_handwritten_datalist"]
 
 EVAL_FINDINGS = (
     "mottled shadowing", "confluent shadowing", "ill-defined shadowing", "increased density", "inflammatory change",
@@ -32,6 +37,7 @@ _ONE_LEVEL = {0: ("{s} upper field", "{s} apical area"), 1: ("{s} mid field", "{
 _TWO_LEVELS = {(0, 1): "{s} upper and mid fields", (0, 2): "{s} upper and lower fields",
                (1, 2): "{s} mid and lower fields"}
 _ALL_LEVELS = ("{s} hemithorax", "{s} lung field")
+HANDWRITTEN_REPORTS = Path(__file__).with_name("handwritten_reports.json")
 _CLEAR_SIDE = ("No focal abnormality on the {o}.", "The {o} hemithorax appears normal.", "The {o} side is spared.")
 
 
@@ -102,3 +108,42 @@ def write_freetext_datalists(datalist: str | os.PathLike, split: str = "validati
         atomic_write_text(target, json.dumps({**data, split: entries, "description": note}, indent=1))
         out.append(target)
     return out[0], out[1]
+
+
+def _zone_names(zones: np.ndarray) -> tuple[str, ...]:
+    return tuple(sorted(f"{SIDES[s]} {LEVELS[v]}" for s in range(len(SIDES)) for v in range(len(LEVELS)) if zones[s, v]))
+
+
+def write_handwritten_datalist(
+    datalist: str | os.PathLike, split: str = "validation", sentences: str | os.PathLike = HANDWRITTEN_REPORTS
+) -> Path:
+    """Writes ``<stem>_handwritten.json`` beside ``datalist`` (atomically): ``split`` reduced to the samples whose
+    report's zones some hand-written sentence of ``sentences`` names by its hand label, each with one of those
+    sentences (a fixed function of the sample's id), and the other splits as they are. Its ``description`` counts
+    the samples left out (their zone set has no sentence).
+
+    Returns:
+        the path written.
+    """
+    path = Path(datalist)
+    data = json.loads(path.read_text())
+    if split not in data:
+        raise ValueError(f"{path}: no {split!r} split")
+    by_zones: dict[tuple[str, ...], list[str]] = {}
+    for item in json.loads(Path(sentences).read_text())["reports"]:
+        if item["zones"]:
+            by_zones.setdefault(tuple(sorted(item["zones"])), []).append(item["text"])
+    kept = []
+    for entry in data[split]:
+        zones = report_zones(entry.get("report")) if isinstance(entry.get("report"), str) else None
+        if zones is None:
+            raise ValueError(f"{path}: {entry.get('id') or entry.get('image')} has no report naming a lung zone")
+        options = by_zones.get(_zone_names(zones))
+        if options:
+            key = str(entry.get("id") or entry["image"])
+            kept.append({**entry, "report": options[_rng(key).randint(len(options))]})
+    note = (f"{split}: the {len(kept)} of {len(data[split])} samples whose zones a hand-written sentence of "
+            f"{Path(sentences).name} names, with that sentence as the report")
+    target = path.with_name(f"{path.stem}_handwritten.json")
+    atomic_write_text(target, json.dumps({**data, split: kept, "description": note}, indent=1))
+    return target

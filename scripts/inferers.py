@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from monai.inferers import SimpleInferer
 
-from scripts.transforms import TokenizeReport
+from scripts.transforms import ReportToTemplate, TokenizeReport
 
 __all__ = ["ReportInferer"]
 
@@ -25,12 +25,21 @@ class ReportInferer(SimpleInferer):
         report: the report for calls without text keywords; ``""`` for none.
         tokenizer: the tokenizer the preprocessing's ``TokenizeReportd`` uses (``@tokenizer`` in the configs), so a
             report typed in MONAI Label gets the ids the same report in a datalist gets. None: ``TokenizeReport()``.
+        report_to_template: the converter the preprocessing's ``ReportToTemplated`` uses (``@report_to_template``),
+            so a report typed in MONAI Label is written in the training template as a datalist's is. None: the
+            report is used as typed.
     """
 
-    def __init__(self, report: str = "", tokenizer: TokenizeReport | None = None) -> None:
+    def __init__(
+        self,
+        report: str = "",
+        tokenizer: TokenizeReport | None = None,
+        report_to_template: ReportToTemplate | None = None,
+    ) -> None:
         super().__init__()
         self.report = report or ""
         self.tokenize = tokenizer if tokenizer is not None else TokenizeReport()
+        self.report_to_template = report_to_template
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """
@@ -39,8 +48,11 @@ class ReportInferer(SimpleInferer):
             network: the network; called with the report's B×L ``text_ids``/``text_mask`` when the call brings no
                 text of its own and a report is set.
         """
-        if self.report.strip() and "text_ids" not in kwargs:
-            ids, mask = self.tokenize(self.report)
+        report = self.report
+        if report.strip() and "text_ids" not in kwargs and self.report_to_template is not None:
+            report = self.report_to_template(report, "the inferer's report (MONAI Label)")
+        if report.strip() and "text_ids" not in kwargs:
+            ids, mask = self.tokenize(report)
             batch = inputs.shape[0]
             kwargs["text_ids"] = ids[None].expand(batch, -1).to(inputs.device)
             kwargs["text_mask"] = mask[None].expand(batch, -1).to(inputs.device)

@@ -11,15 +11,18 @@ Left and right keep the meaning they have in the source report (the dataset's co
 ``report_left_is_image_left``), and :func:`scripts.zones.report_zones` reads every phrasing back to the same zones
 (tested on every QaTa report). The held-out free-text validation reports (``bundle/freetext.py``) are written by
 other rules, with other words, so that validation does not reward learning these.
+
+:func:`qata_template` goes the other way: it writes the zones a report names in the QaTa-COV19 template, which a
+network trained on that template reads best (``scripts.transforms.ReportToTemplate``, at validation and inference).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from scripts.zones import SIDES
+from scripts.zones import LEVELS, SIDES
 
-__all__ = ["clinical_phrasing", "FINDINGS"]
+__all__ = ["clinical_phrasing", "FINDINGS", "qata_template", "REPORT_TEMPLATES"]
 
 FINDINGS = (
     "opacity", "opacities", "patchy opacity", "patchy opacities", "ground-glass opacity", "ground-glass opacities",
@@ -91,3 +94,35 @@ def clinical_phrasing(zones: np.ndarray, rng: np.random.RandomState, clear_side_
         other = SIDES[1 - SIDES.index(named[0][0])]
         text += " " + _pick(rng, _CLEAR_SIDE).format(o=other, O=other.capitalize(), f=_pick(rng, FINDINGS))
     return text
+
+
+def qata_template(zones: np.ndarray) -> str:
+    """``zones`` written in the QaTa-COV19 report template (LViT's annotations), e.g. "bilateral pulmonary infection,
+    two infected areas, all left lung and lower right lung.".
+
+    The template also counts "infected areas", which the zones do not determine; the count written is the one the
+    training reports give most often for the laterality (one for a unilateral report, two for a bilateral one: 96 %
+    and 89 % of those training images). A side with all three levels is written "all" (as in 4,246 of the 4,540
+    whole-lung mentions of the training images' reports), other sides as their levels top to bottom ("middle
+    lower"). The rewrite gives back the very report for 88 % of the training images and 93 % of the validation
+    images, and the same zones for all of them.
+
+    Args:
+        zones: 2×3 bool [side, level] (side 0 = "left", level 0 = "upper"), e.g. from
+            :func:`scripts.zones.report_zones`; at least one zone named.
+    """
+    zones = np.asarray(zones, dtype=bool)
+    if zones.shape != (len(SIDES), len(LEVELS)) or not zones.any():
+        raise ValueError(f"qata_template needs a 2×3 zone array with at least one zone named, not {zones.tolist()}")
+    places = []
+    for s, side in enumerate(SIDES):
+        if zones[s].any():
+            levels = "all" if zones[s].all() else " ".join(LEVELS[v] for v in np.flatnonzero(zones[s]))
+            places.append(f"{levels} {side} lung")
+    if len(places) == 1:
+        return f"unilateral pulmonary infection, one infected area, {places[0]}."
+    return f"bilateral pulmonary infection, two infected areas, {places[0]} and {places[1]}."
+
+
+# the templates a report can be rewritten into, by name (the configs' ``report_template``)
+REPORT_TEMPLATES = {"qata": qata_template}

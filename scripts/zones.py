@@ -63,10 +63,19 @@ def report_zones(text: str | None) -> np.ndarray | None:
     pending: set[int] = set()  # levels seen before their side ("lower left lung")
     pending_noun = False
     current: _Mention | None = None  # a side still taking levels after it ("left lower lobe")
+    after_lung: _Mention | None = None  # a side just closed by "lung(s)", still taking a level noun ("lung bases")
+    # a "Left lung:" heading: the side of the levels in the sentence after it ("Left lung: opacity in the lower zone.")
+    heading: _Mention | None = None
 
     def close_pending() -> None:
+        nonlocal heading
         if pending:  # levels that never met a side name both sides ("lower zones.", "all lung and ...")
-            mention = _Mention((0, 1), pending)
+            sides = (0, 1)
+            if heading is not None:  # ... or the heading's side, which they narrow
+                sides = heading.sides
+                mentions.remove(heading)
+                heading = None
+            mention = _Mention(sides, pending)
             mention.closed_by_noun = True
             mentions.append(mention)
 
@@ -74,11 +83,24 @@ def report_zones(text: str | None) -> np.ndarray | None:
         if token in _BREAKS or token in _CLAUSE_WORDS or (token in _EXCEPTIONS and negated):
             close_pending()
             if negated:
+                if heading is not None and heading in mentions:  # "Right lung: normal." names nothing
+                    mentions.remove(heading)
+                    heading = None
                 del mentions[clause_start:]
+            clause = mentions[clause_start:]
+            if token == ":" and len(clause) == 1 and not clause[0].levels and clause[0].closed_by_noun:
+                heading = clause[0]
+            elif token == ".":
+                heading = None
             clause_start, negated = len(mentions), False
             pending, pending_noun = set(), False
-            current = None
+            current = after_lung = None
             continue
+        if after_lung is not None and token in _LEVEL_WORDS:  # "left lung base", "both lung bases"
+            after_lung.levels.update(_LEVEL_WORDS[token])
+            after_lung = None
+            continue
+        after_lung = None
         if token in _NEGATIONS:
             negated = True
         if token == "and" and pending and pending_noun:
@@ -99,6 +121,8 @@ def report_zones(text: str | None) -> np.ndarray | None:
         if token in _NOUNS:
             if current is not None:
                 current.closed_by_noun = True
+                if token in ("lung", "lungs") and not current.levels:
+                    after_lung = current
                 current = None
             else:
                 pending_noun = True

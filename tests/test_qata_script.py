@@ -43,3 +43,19 @@ def test_one_row_trains_evaluates_and_is_not_trained_twice(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert model.stat().st_mtime_ns == stamp  # a finished run is evaluated again, never retrained
     assert "run_id: 'training'" not in again.stdout + again.stderr
+
+    # bundle/freetext_eval.sh on the same row: templated, free text and hand-written (in the template and as
+    # written), no report; each evaluation made once
+    evaluate = ["bash", str(BUNDLE_ROOT / "bundle" / "freetext_eval.sh"), "unet", "tiny", "--",
+                "--spatial_size", "[64,64]", "--batch_size", "2"]
+    free = subprocess.run(evaluate, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert free.returncode == 0, free.stderr[-3000:]
+    lines = free.stdout.strip().splitlines()[-6:]
+    assert [line.split()[0] for line in lines] == ["template", "_freetext", "_freetext_as_written", "_handwritten",
+                                                   "_handwritten_as_written", "_noreport"], free.stdout
+    assert "(2 images; templated on them: dice_mean" in lines[3]
+    for variant in ("_freetext", "_handwritten_as_written", "_noreport"):
+        metrics = json.loads((run / f"eval_val{variant}" / "metrics.json").read_text())["metrics"]
+        assert 0 <= metrics["val_dice_mean"] <= 1
+    written = json.loads((tmp_path / "runs" / "datalist_handwritten.json").read_text())["validation"]
+    assert {e["id"] for e in written} == set(ids["val"])

@@ -137,7 +137,8 @@ class _Recorder(torch.nn.Module):
 def test_a_report_typed_in_monai_label_gets_the_ids_the_same_report_in_a_datalist_gets():
     """ReportInferer built its own tokenizer and ignored lowercase/unicode_form: a report typed in MONAI Label's
     client reached the network as other ids than the same report in a datalist."""
-    parser = _parser("inference.yaml", **{"tokenizer#unicode_form": None, "displayable_configs#report": UNNORMALISED})
+    parser = _parser("inference.yaml", report_template=None,  # the report as typed (the template: test_report_template)
+                     **{"tokenizer#unicode_form": None, "displayable_configs#report": UNNORMALISED})
     tokenize = _one(parser.get_parsed_content("preprocessing").transforms, TokenizeReportd)
     inferer, net = parser.get_parsed_content("inferer"), _Recorder()
     assert inferer.tokenize is tokenize.tokenize is parser.get_parsed_content("tokenizer")

@@ -56,6 +56,13 @@ ALL_RIGHT = [(R, U), (R, M), (R, D)]
         ("upper and lower left lung", [(L, U), (L, D)]),
         ("rt mid zone haziness", [(R, M)]),
         ("left apical pneumothorax", [(L, U)]),
+        # a level noun after "lung(s)"; a "Side lung:" heading gives its side to the sentence after it
+        ("Airspace opacity in the left lung base.", [(L, D)]),
+        ("Patchy changes at both lung bases, more marked on the left.", [(L, D), (R, D)]),
+        ("Left lung: clear. Right lung: consolidation in the upper zone.", [(R, U)]),
+        ("Right lung: normal. Left lung: opacity in the mid and lower zones.", [(L, M), (L, D)]),
+        ("Left lung: consolidation.", ALL_LEFT),
+        ("Findings: opacity in the lower zones.", [(L, D), (R, D)]),
     ],
 )
 def test_report_zones(text, expected):
