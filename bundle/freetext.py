@@ -76,6 +76,14 @@ def freetext_report(report: str, key: str) -> str | None:
     return text
 
 
+def _read_split(datalist: str | os.PathLike, split: str) -> tuple[Path, dict]:
+    path = Path(datalist)
+    data = json.loads(path.read_text())
+    if split not in data:
+        raise ValueError(f"{path}: no {split!r} split")
+    return path, data
+
+
 def write_freetext_datalists(datalist: str | os.PathLike, split: str = "validation") -> tuple[Path, Path]:
     """Writes ``<stem>_freetext.json`` and ``<stem>_noreport.json`` beside ``datalist`` (atomically), each with
     ``split`` rewritten and the other splits as they are.
@@ -86,10 +94,7 @@ def write_freetext_datalists(datalist: str | os.PathLike, split: str = "validati
     Returns:
         the two paths.
     """
-    path = Path(datalist)
-    data = json.loads(path.read_text())
-    if split not in data:
-        raise ValueError(f"{path}: no {split!r} split")
+    path, data = _read_split(datalist, split)
     free, none, kept = [], [], 0
     for entry in data[split]:
         if not isinstance(entry.get("report"), str) or not entry["report"].strip():
@@ -125,10 +130,7 @@ def write_handwritten_datalist(
     Returns:
         the path written.
     """
-    path = Path(datalist)
-    data = json.loads(path.read_text())
-    if split not in data:
-        raise ValueError(f"{path}: no {split!r} split")
+    path, data = _read_split(datalist, split)
     by_zones: dict[tuple[str, ...], list[str]] = {}
     for item in json.loads(Path(sentences).read_text())["reports"]:
         if item["zones"]:

@@ -2,7 +2,7 @@
 # Validation Dice of a trained row of docs/results.md with templated reports, free-text reports and no report
 # (issue 19, part 4): the row's best checkpoint evaluated on the datalists `python -m bundle freetext` writes beside
 # the row's datalist, with the reports written in the training template (the configs' report_template, qata) and,
-# for the free text, also as written (--report_template None).
+# for the free text, also as written (--report_template none).
 #
 #   bundle/freetext_eval.sh NAME TAG [-- extra monai.bundle overrides ...]
 #
@@ -25,7 +25,7 @@ run_abs=$(cd "$run" && pwd)
 variants=("" _freetext _freetext_as_written _handwritten _handwritten_as_written _noreport)
 for variant in "${variants[@]}"; do
     [[ -f $run/eval_val$variant/metrics.json ]] && continue
-    as_written=(); [[ $variant == *_as_written ]] && as_written=(--report_template None)
+    as_written=(); [[ $variant == *_as_written ]] && as_written=(--report_template none)
     $py -m monai.bundle run evaluating --meta_file configs/metadata.json --bundle_root . \
         --config_file "['configs/train.yaml','configs/networks/$name.yaml','configs/evaluate.yaml']" \
         --dataset_dir "$runs" --datalist "$runs/datalist${variant%_as_written}.json" --ckpt_dir "$run/models" \

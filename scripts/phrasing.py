@@ -18,11 +18,15 @@ network trained on that template reads best (``scripts.transforms.ReportToTempla
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from typing import NamedTuple
+
 import numpy as np
 
 from scripts.zones import LEVELS, SIDES
 
-__all__ = ["clinical_phrasing", "FINDINGS", "qata_template", "REPORT_TEMPLATES"]
+__all__ = ["clinical_phrasing", "FINDINGS", "qata_template", "ReportTemplate", "REPORT_TEMPLATES"]
 
 FINDINGS = (
     "opacity", "opacities", "patchy opacity", "patchy opacities", "ground-glass opacity", "ground-glass opacities",
@@ -105,7 +109,8 @@ def qata_template(zones: np.ndarray) -> str:
     and 89 % of those training images). A side with all three levels is written "all" (as in 4,246 of the 4,540
     whole-lung mentions of the training images' reports), other sides as their levels top to bottom ("middle
     lower"). The rewrite gives back the very report for 88 % of the training images and 93 % of the validation
-    images, and the same zones for all of them.
+    images, and the same zones for all of them (``ReportToTemplate`` leaves a report already in the template as
+    it is).
 
     Args:
         zones: 2×3 bool [side, level] (side 0 = "left", level 0 = "upper"), e.g. from
@@ -124,5 +129,17 @@ def qata_template(zones: np.ndarray) -> str:
     return f"bilateral pulmonary infection, two infected areas, {places[0]} and {places[1]}."
 
 
+class ReportTemplate(NamedTuple):
+    """A report template: ``write`` (2×3 zones → text) and ``pattern``, which a report already in the template
+    matches in full (lower case, single spaces)."""
+
+    write: Callable[[np.ndarray], str]
+    pattern: re.Pattern
+
+
 # the templates a report can be rewritten into, by name (the configs' ``report_template``)
-REPORT_TEMPLATES = {"qata": qata_template}
+REPORT_TEMPLATES = {
+    "qata": ReportTemplate(
+        qata_template, re.compile(r"(unilateral|bilateral) pulmonary infection, [a-z]+ infected areas?, [a-z ]+ lung\.")
+    ),
+}

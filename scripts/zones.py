@@ -37,6 +37,8 @@ _CLAUSE_WORDS = {"but", "whereas", "while", "however"}
 _NEGATIONS = {"no", "not", "without", "clear", "normal", "unremarkable", "spared", "free", "negative", "nil"}
 # exceptions end a negation's reach: "left lung clear apart from the lt base" names the left base
 _EXCEPTIONS = {"except", "apart", "excepting", "besides"}
+# what follows one in its clause is taken out of what the clause names: "bilateral consolidation sparing the apices"
+_EXCLUSIONS = {"sparing", "spares", "excluding"}
 
 
 class _Mention:
@@ -53,7 +55,9 @@ def report_zones(text: str | None) -> np.ndarray | None:
     pulmonary infection") names zones only when the report names nothing more specific. A clause (between
     punctuation or "but"/"whereas"/"while"/"however") with a negation cue ("no", "not", "without", "clear",
     "normal", "unremarkable", "spared", ...) names nothing: "the right lung is clear" does not name the right lung;
-    an exception after the cue ("apart from", "except") names what follows it.
+    an exception after the cue ("apart from", "except") names what follows it. What follows "sparing" in its
+    clause is taken out of the zones named ("bilateral consolidation sparing the apices": the middle and lower
+    zones of both lungs).
     """
     if not text:
         return None
@@ -66,6 +70,15 @@ def report_zones(text: str | None) -> np.ndarray | None:
     after_lung: _Mention | None = None  # a side just closed by "lung(s)", still taking a level noun ("lung bases")
     # a "Left lung:" heading: the side of the levels in the sentence after it ("Left lung: opacity in the lower zone.")
     heading: _Mention | None = None
+    exclusion_start: int | None = None  # the clause's mentions from here on follow "sparing"
+    excluded: list[_Mention] = []
+
+    def close_exclusion() -> None:
+        nonlocal exclusion_start
+        if exclusion_start is not None:
+            excluded.extend(mentions[exclusion_start:])
+            del mentions[exclusion_start:]
+            exclusion_start = None
 
     def close_pending() -> None:
         nonlocal heading
@@ -87,6 +100,8 @@ def report_zones(text: str | None) -> np.ndarray | None:
                     mentions.remove(heading)
                     heading = None
                 del mentions[clause_start:]
+                exclusion_start = None
+            close_exclusion()
             clause = mentions[clause_start:]
             if token == ":" and len(clause) == 1 and not clause[0].levels and clause[0].closed_by_noun:
                 heading = clause[0]
@@ -103,6 +118,12 @@ def report_zones(text: str | None) -> np.ndarray | None:
         after_lung = None
         if token in _NEGATIONS:
             negated = True
+        if token in _EXCLUSIONS and exclusion_start is None:
+            close_pending()  # levels before the cue belong to what is named ("lower zones sparing the bases" aside)
+            pending, pending_noun = set(), False
+            current = None
+            exclusion_start = len(mentions)
+            continue
         if token == "and" and pending and pending_noun:
             close_pending()
             pending, pending_noun = set(), False
@@ -129,7 +150,20 @@ def report_zones(text: str | None) -> np.ndarray | None:
     close_pending()
     if negated:
         del mentions[clause_start:]
+        exclusion_start = None
+    close_exclusion()
 
+    zones = _named(mentions)
+    if zones is None:
+        return None
+    spared = _named(excluded)
+    if spared is not None:
+        zones &= ~spared
+    return zones if zones.any() else None
+
+
+def _named(mentions: list[_Mention]) -> np.ndarray | None:
+    """The zones of ``mentions``: the specific ones (with a level or a lung noun), else all; None without any."""
     specific = [m for m in mentions if m.levels or m.closed_by_noun]
     chosen = specific or mentions
     if not chosen:

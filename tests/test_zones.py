@@ -63,6 +63,10 @@ ALL_RIGHT = [(R, U), (R, M), (R, D)]
         ("Right lung: normal. Left lung: opacity in the mid and lower zones.", [(L, M), (L, D)]),
         ("Left lung: consolidation.", ALL_LEFT),
         ("Findings: opacity in the lower zones.", [(L, D), (R, D)]),
+        # what follows "sparing" in its clause is taken out
+        ("Extensive bilateral consolidation sparing the apices.", [(L, M), (L, D), (R, M), (R, D)]),
+        ("Dense consolidation throughout the left lung with sparing of the right.", ALL_LEFT),
+        ("Opacities in both lungs, sparing the right upper zone.", ALL_LEFT + [(R, M), (R, D)]),
     ],
 )
 def test_report_zones(text, expected):

@@ -21,7 +21,8 @@ from scripts.transforms.utils import sample_name, warning_mode
 from scripts.zones import report_zones
 
 __all__ = [
-    "TokenizeReport", "TokenizeReportd", "ReportToTemplate", "ReportToTemplated", "RandDropReportd", "RandSideFlipd", "RandRephraseReportd", "swap_sides",
+    "TokenizeReport", "TokenizeReportd", "ReportToTemplate", "ReportToTemplated", "RandDropReportd", "RandSideFlipd",
+    "RandRephraseReportd", "swap_sides",
 ]
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ class ReportToTemplate(Transform):
     lower zone; the right lung is clear") scores below giving no report at all (``docs/results.md``). This
     transform reads the zones with the negation-aware parser :func:`scripts.zones.report_zones` and writes them
     with :data:`scripts.phrasing.REPORT_TEMPLATES` ``[template]``, so that the network sees the wording it learned.
+    A report already in the template passes as it is.
     Left and right keep the meaning they have in the text (the dataset's convention).
 
     What it cannot do is what the parser cannot: a location it does not know, or a sentence whose negation it
@@ -179,16 +181,19 @@ class ReportToTemplate(Transform):
     data-loader worker counts its own). An empty report stays empty.
 
     Args:
-        template: a name in :data:`scripts.phrasing.REPORT_TEMPLATES` (``"qata"``); None: reports pass as written
-            (a network trained on free text, or on reports that name no lung zones, such as MoNuSeg's).
+        template: a name in :data:`scripts.phrasing.REPORT_TEMPLATES` (``"qata"``); ``"none"`` or None: reports
+            pass as written (a network trained on free text, or on reports that name no lung zones, such as
+            MoNuSeg's). ``"none"`` is the one to give on the command line: ``monai.bundle run`` drops an override
+            whose value is None without a word.
         unparsed: ``"drop"`` or ``"keep"``, for a report that names no lung zone.
     """
 
     named_unparsed = 3
 
     def __init__(self, template: str | None = "qata", unparsed: str = "drop") -> None:
+        template = None if template == "none" else template
         if template is not None and template not in REPORT_TEMPLATES:
-            raise ValueError(f"report template {template!r} is not one of {sorted(REPORT_TEMPLATES)} (or null)")
+            raise ValueError(f"report template {template!r} is not one of {sorted(REPORT_TEMPLATES)} or 'none'")
         if unparsed not in ("drop", "keep"):
             raise ValueError(f"unparsed must be 'drop' or 'keep', not {unparsed!r}")
         self.template, self.unparsed = template, unparsed
@@ -198,16 +203,20 @@ class ReportToTemplate(Transform):
         """``text`` in the template; ``source`` names it in the log (a sample id, "the MONAI Label request")."""
         if self.template is None or not text.strip():
             return text
-        zones = report_zones(unicodedata.normalize("NFKC", text))  # the parser reads ASCII letters: "Ｌｅｆｔ" is "left"
+        plain = " ".join(unicodedata.normalize("NFKC", text).lower().split())  # the parser reads ASCII: "Ｌｅｆｔ"
+        zones = report_zones(plain)
+        template = REPORT_TEMPLATES[self.template]
+        if zones is not None and template.pattern.fullmatch(plain):
+            return text  # already in the template: its "infected areas" count may say more than the zones
         if zones is not None:
             self.rewritten += 1
-            return REPORT_TEMPLATES[self.template](zones)
+            return template.write(zones)
         self.unparsed_count += 1
         action = "used without a report (the image-only path)" if self.unparsed == "drop" else "kept as written"
         mode = warning_mode(self.unparsed_count, self.named_unparsed)
         if mode == "name":
             logger.warning("the report of %s names no lung zone, so it cannot be written as a %s report; %s: %r "
-                           "(a network trained on reports of another kind: report_template null)",
+                           "(a network trained on reports of another kind: report_template none)",
                            source, self.template, action, text[:200])
         elif mode == "count":
             logger.warning("%d reports so far name no lung zone and were %s; after the first %d they are counted, "
@@ -216,24 +225,39 @@ class ReportToTemplate(Transform):
 
 
 class ReportToTemplated(MapTransform):
-    """Dictionary wrapper of :class:`ReportToTemplate`. Place it before :class:`TokenizeReportd`; a missing or
-    empty report passes unchanged (the tokenizer decides whether that is allowed).
+    """Dictionary wrapper of :class:`ReportToTemplate`: rewrites the report and its ``_ids``/``_mask`` tokens.
+
+    Place it after :class:`TokenizeReportd`, which checks that the data carries its reports; a report dropped here
+    (one that names no lung zone, ``unparsed="drop"``) becomes "no report" as :class:`RandDropReportd` makes it,
+    all-padding ids and an all-zero mask. A missing or empty report passes unchanged.
 
     Args:
         keys: the report text key(s).
         converter: the converter (``@report_to_template`` in the configs, which the inferer shares). None:
             ``ReportToTemplate()``.
+        tokenizer: the tokenizer given to :class:`TokenizeReportd` (``@tokenizer``); None: ``TokenizeReport()``.
     """
 
-    def __init__(self, keys: KeysCollection = "report", converter: ReportToTemplate | None = None) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection = "report",
+        converter: ReportToTemplate | None = None,
+        tokenizer: TokenizeReport | None = None,
+    ) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.converter = converter if converter is not None else ReportToTemplate()
+        self.tokenize = tokenizer if tokenizer is not None else TokenizeReport()
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            if isinstance(d[key], str):
-                d[key] = self.converter(d[key], f"sample {sample_name(d)}")
+            text = d[key]
+            if not isinstance(text, str) or not text.strip():
+                continue
+            new = self.converter(text, f"sample {sample_name(d)}")
+            if new != text:
+                d[key] = new
+                d[f"{key}_ids"], d[f"{key}_mask"] = self.tokenize(new)
         return d
 
 
