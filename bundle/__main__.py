@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--seeds", action="store_true",
                     help="runs named <row>_s<seed>: one row each, mean ± sd over seeds and the per-seed Dice")
     rs.set_defaults(func=_results)
-    ft = sub.add_parser("freetext", help="held-out free-text, hand-written and no-report copies of a datalist's validation split")
+    ft = sub.add_parser("freetext",
+                        help="held-out free-text, hand-written and no-report copies of a datalist's validation split")
     ft.add_argument("datalist", help="the datalist JSON; the copies are written beside it")
     ft.add_argument("--split", default="validation")
     ft.set_defaults(func=_freetext)

@@ -28,6 +28,8 @@ from scripts.zones import LEVELS, SIDES, report_zones
 __all__ = ["EVAL_FINDINGS", "HANDWRITTEN_REPORTS", "freetext_report", "write_freetext_datalists",
            "write_handwritten_datalist"]
 
+# report sentences written by hand, each with the zones it names labelled by hand
+HANDWRITTEN_REPORTS = Path(__file__).with_name("handwritten_reports.json")
 EVAL_FINDINGS = (
     "mottled shadowing", "confluent shadowing", "ill-defined shadowing", "increased density", "inflammatory change",
     "alveolar shadowing",
@@ -37,7 +39,6 @@ _ONE_LEVEL = {0: ("{s} upper field", "{s} apical area"), 1: ("{s} mid field", "{
 _TWO_LEVELS = {(0, 1): "{s} upper and mid fields", (0, 2): "{s} upper and lower fields",
                (1, 2): "{s} mid and lower fields"}
 _ALL_LEVELS = ("{s} hemithorax", "{s} lung field")
-HANDWRITTEN_REPORTS = Path(__file__).with_name("handwritten_reports.json")
 _CLEAR_SIDE = ("No focal abnormality on the {o}.", "The {o} hemithorax appears normal.", "The {o} side is spared.")
 
 
@@ -116,7 +117,7 @@ def write_freetext_datalists(datalist: str | os.PathLike, split: str = "validati
 
 
 def _zone_names(zones: np.ndarray) -> tuple[str, ...]:
-    return tuple(sorted(f"{SIDES[s]} {LEVELS[v]}" for s in range(len(SIDES)) for v in range(len(LEVELS)) if zones[s, v]))
+    return tuple(sorted(f"{SIDES[s]} {LEVELS[v]}" for s, v in zip(*np.nonzero(zones))))
 
 
 def write_handwritten_datalist(

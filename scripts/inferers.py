@@ -48,10 +48,10 @@ class ReportInferer(SimpleInferer):
             network: the network; called with the report's B×L ``text_ids``/``text_mask`` when the call brings no
                 text of its own and a report is set.
         """
-        report = self.report
-        if report.strip() and "text_ids" not in kwargs and self.report_to_template is not None:
+        report = self.report if "text_ids" not in kwargs else ""
+        if report.strip() and self.report_to_template is not None:
             report = self.report_to_template(report, "the inferer's report (MONAI Label)")
-        if report.strip() and "text_ids" not in kwargs:
+        if report.strip():
             ids, mask = self.tokenize(report)
             batch = inputs.shape[0]
             kwargs["text_ids"] = ids[None].expand(batch, -1).to(inputs.device)
