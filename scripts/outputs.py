@@ -341,7 +341,9 @@ class SaveOutputsd(SaveImaged):
         prob_key: the probability map's key (same grid as the prediction).
         image_key: the network input, whose meta data name the source file and carry the DICOM UIDs.
         display_key: the image before resizing, [0, 1], C×X×Y, drawn in the overlay (falls back to ``image_key``).
-        report_key: the report text, the overlay's caption.
+        report_key: the report text the network read, the overlay's caption. Where ``<report_key>_as_written``
+            holds another text (the report as found, before ``ReportToTemplated`` wrote it in the training
+            template), the caption shows that one and then what it was read as, and the DICOM SEG records it.
         id_key: the sample's id key.
         segment_label: the label of the lesion in DICOM SEG objects.
         algorithm_name: the algorithm named in DICOM SEG objects (a dotted class path keeps its last part).
@@ -398,6 +400,11 @@ class SaveOutputsd(SaveImaged):
         d["output_files"] = files
         return d
 
+    def _reports(self, d: Mapping[Hashable, Any]) -> tuple[str | None, str | None]:
+        """The report as the network read it, and as found (None where the sample has no such text)."""
+        read, written = d.get(self.report_key), d.get(f"{self.report_key}_as_written")
+        return (read if isinstance(read, str) else None), (written if isinstance(written, str) else None)
+
     def _overlay(self, d: Mapping[Hashable, Any], mask: np.ndarray, name: str) -> str:
         shown = d.get(self.display_key, d[self.image_key])
         image = _to_numpy(shown)
@@ -407,8 +414,9 @@ class SaveOutputsd(SaveImaged):
         if image.shape != mask.shape:
             raise ValueError(f"overlay of {name}: display image {image.shape} and mask {mask.shape} differ; "
                              f"'{self.display_key}' must be the image before resizing")
-        report = d.get(self.report_key)
-        picture = overlay_image(image.T, mask.T, report if isinstance(report, str) else None, self.overlay_max_side)
+        read, written = self._reports(d)
+        caption = f"{written} [read as: {read or 'no report'}]" if written and written != read else read
+        picture = overlay_image(image.T, mask.T, caption, self.overlay_max_side)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / f"{name}_overlay.png"
         atomic_write(path, lambda f: picture.save(f, format="PNG"))
@@ -421,9 +429,8 @@ class SaveOutputsd(SaveImaged):
             logger.debug("%s: not a DICOM input; no DICOM SEG written", name)
             return None
         sources = dicom_sources(_source_of(d[self.image_key]), uids.split("\\"))
-        report = d.get(self.report_key)
-        seg = dicom_segmentation(sources, mask.T, self.segment_label, self.algorithm_name,
-                                 report=report if isinstance(report, str) else None)
+        read, written = self._reports(d)
+        seg = dicom_segmentation(sources, mask.T, self.segment_label, self.algorithm_name, report=written or read)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / f"{name}_seg.dcm"
         atomic_write(path, seg.save_as)

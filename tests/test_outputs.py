@@ -218,3 +218,37 @@ def test_mask_and_probability_are_written_like_the_input_and_their_paths_returne
     scale = 255 if mask_name.endswith(".png") else 1  # PNG masks are 0/255
     written = LoadImage(image_only=True, ensure_channel_first=True)(files["mask"])
     np.testing.assert_array_equal(np.asarray(written), pred.numpy() * scale)
+
+
+@pytest.mark.parametrize(
+    "report, as_written, caption",
+    [
+        ("unilateral pulmonary infection, one infected area, lower left lung.", "Opacity at the left base.",
+         "Opacity at the left base. [read as: unilateral pulmonary infection, one infected area, lower left lung.]"),
+        ("", "Lungs are clear.", "Lungs are clear. [read as: no report]"),  # dropped: the no-report path
+        ("lower left lung.", "lower left lung.", "lower left lung."),  # passed as it is
+        ("lower left lung.", None, "lower left lung."),  # no ReportToTemplated in the pipeline
+    ],
+)
+def test_overlay_shows_the_report_as_found_and_as_read(report, as_written, caption, tmp_path, monkeypatch):
+    """A report written in the training template (ReportToTemplated) is shown as found and as the network read it,
+    so that a misread location is visible next to the mask."""
+    from PIL import Image
+
+    import scripts.outputs as outputs
+
+    seen = {}
+
+    def fake_overlay(image, mask, text, max_side):
+        seen["caption"] = text
+        return Image.new("RGB", (4, 4))
+
+    monkeypatch.setattr(outputs, "overlay_image", fake_overlay)
+    source = tmp_path / "x.png"
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(source)
+    image = Compose([LoadImaged("image"), EnsureChannelFirstd("image")])({"image": str(source)})["image"]
+    sample = {"image": image, "pred": image * 0, "report": report}
+    if as_written is not None:
+        sample["report_as_written"] = as_written
+    SaveOutputsd("pred", tmp_path / "out", formats=("overlay",))(sample)
+    assert seen["caption"] == caption

@@ -131,10 +131,11 @@ def test_dictionary_transform_retokenises_and_drops_as_report_dropout_does(caplo
     to_template = ReportToTemplated(keys="report", tokenizer=tokenizer)
     out = to_template(load({"id": "case7", "report": "Consolidation at the right base."}))
     assert out["report"] == "unilateral pulmonary infection, one infected area, lower right lung."
+    assert out["report_as_written"] == "Consolidation at the right base."  # the outputs show both
     assert torch.equal(out["report_ids"], tokenizer(out["report"])[0])
     assert to_template({"id": "case8"}) == {"id": "case8"}
     empty = load({"id": "case9", "report": ""})
-    assert to_template(empty) == empty
+    assert to_template(empty) == {**empty, "report_as_written": ""}  # every sample has the key: batches collate
     with caplog.at_level(logging.WARNING, logger="scripts.transforms.report"):
         dropped = to_template(load({"id": "case10", "report": "Heart size normal."}))
     assert "sample case10" in caplog.text

@@ -225,7 +225,8 @@ class ReportToTemplate(Transform):
 
 
 class ReportToTemplated(MapTransform):
-    """Dictionary wrapper of :class:`ReportToTemplate`: rewrites the report and its ``_ids``/``_mask`` tokens.
+    """Dictionary wrapper of :class:`ReportToTemplate`: rewrites the report and its ``_ids``/``_mask`` tokens, and
+    keeps the text as found in ``<key>_as_written`` (the outputs show both: ``scripts.outputs``).
 
     Place it after :class:`TokenizeReportd`, which checks that the data carries its reports; a report dropped here
     (one that names no lung zone, ``unparsed="drop"``) becomes "no report" as :class:`RandDropReportd` makes it,
@@ -252,7 +253,10 @@ class ReportToTemplated(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             text = d[key]
-            if not isinstance(text, str) or not text.strip():
+            if not isinstance(text, str):
+                continue
+            d[f"{key}_as_written"] = text  # every sample of a batch has it, so that they collate
+            if not text.strip():
                 continue
             new = self.converter(text, f"sample {sample_name(d)}")
             if new != text:
