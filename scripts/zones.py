@@ -80,28 +80,30 @@ def report_zones(text: str | None) -> np.ndarray | None:
             del mentions[exclusion_start:]
             exclusion_start = None
 
+    def close_clause() -> None:
+        """Ends the clause: a negated one names nothing (nor the heading it follows), "sparing" moves its zones out."""
+        nonlocal heading, exclusion_start
+        close_pending()
+        if negated:
+            if heading is not None:  # "Right lung: normal." names nothing; emptied, not removed: indices hold
+                heading.sides, heading = (), None
+            del mentions[clause_start:]
+            exclusion_start = None
+        close_exclusion()
+
     def close_pending() -> None:
         nonlocal heading
         if pending:  # levels that never met a side name both sides ("lower zones.", "all lung and ...")
             sides = (0, 1)
-            if heading is not None:  # ... or the heading's side, which they narrow
-                sides = heading.sides
-                mentions.remove(heading)
-                heading = None
+            if heading is not None:  # ... or the heading's side, which they narrow (the heading names no more)
+                sides, heading.sides, heading = heading.sides, (), None
             mention = _Mention(sides, pending)
             mention.closed_by_noun = True
             mentions.append(mention)
 
     for token in tokens:
         if token in _BREAKS or token in _CLAUSE_WORDS or (token in _EXCEPTIONS and negated):
-            close_pending()
-            if negated:
-                if heading is not None and heading in mentions:  # "Right lung: normal." names nothing
-                    mentions.remove(heading)
-                    heading = None
-                del mentions[clause_start:]
-                exclusion_start = None
-            close_exclusion()
+            close_clause()
             clause = mentions[clause_start:]
             if token == ":" and len(clause) == 1 and not clause[0].levels and clause[0].closed_by_noun:
                 heading = clause[0]
@@ -119,7 +121,7 @@ def report_zones(text: str | None) -> np.ndarray | None:
         if token in _NEGATIONS:
             negated = True
         if token in _EXCLUSIONS and exclusion_start is None:
-            close_pending()  # levels before the cue belong to what is named ("lower zones sparing the bases" aside)
+            close_pending()  # levels before the cue are named: "lower zones sparing the bases" is not an exclusion
             pending, pending_noun = set(), False
             current = None
             exclusion_start = len(mentions)
@@ -147,11 +149,7 @@ def report_zones(text: str | None) -> np.ndarray | None:
                 current = None
             else:
                 pending_noun = True
-    close_pending()
-    if negated:
-        del mentions[clause_start:]
-        exclusion_start = None
-    close_exclusion()
+    close_clause()
 
     zones = _named(mentions)
     if zones is None:
@@ -164,6 +162,7 @@ def report_zones(text: str | None) -> np.ndarray | None:
 
 def _named(mentions: list[_Mention]) -> np.ndarray | None:
     """The zones of ``mentions``: the specific ones (with a level or a lung noun), else all; None without any."""
+    mentions = [m for m in mentions if m.sides]  # a heading whose sentence named its levels, or was negated
     specific = [m for m in mentions if m.levels or m.closed_by_noun]
     chosen = specific or mentions
     if not chosen:

@@ -62,6 +62,7 @@ ALL_RIGHT = [(R, U), (R, M), (R, D)]
         ("Left lung: clear. Right lung: consolidation in the upper zone.", [(R, U)]),
         ("Right lung: normal. Left lung: opacity in the mid and lower zones.", [(L, M), (L, D)]),
         ("Left lung: consolidation.", ALL_LEFT),
+        ("Right lung: normal. Bilateral infiltrates.", ALL_LEFT + ALL_RIGHT),
         ("Findings: opacity in the lower zones.", [(L, D), (R, D)]),
         # what follows "sparing" in its clause is taken out
         ("Extensive bilateral consolidation sparing the apices.", [(L, M), (L, D), (R, M), (R, D)]),
@@ -73,7 +74,8 @@ def test_report_zones(text, expected):
     np.testing.assert_array_equal(report_zones(text), _zones(*expected))
 
 
-@pytest.mark.parametrize("text", [None, "", "pulmonary infection.", "no acute findings", "both lungs are clear."])
+@pytest.mark.parametrize("text", [None, "", "pulmonary infection.", "no acute findings", "both lungs are clear.",
+                                  "Right lung: normal"])  # a negated last sentence without its full stop
 def test_reports_without_a_location_name_no_zones(text):
     assert report_zones(text) is None
 
