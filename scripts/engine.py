@@ -47,6 +47,7 @@ __all__ = [
     "every_n_iterations",
     "latest_checkpoint",
     "AtomicCheckpointSaver",
+    "BestMetricState",
     "CheckedCheckpointLoader",
     "InferenceSummary",
 ]
@@ -695,6 +696,30 @@ class ResumableEarlyStopHandler(EarlyStopHandler):
             self._handler.load_state_dict(state)
 
 
+class BestMetricState:
+    """The evaluator's best key-metric score and its epoch (``state.best_metric``, ``state.best_metric_epoch``) as
+    training-checkpoint state (``train#checkpoint_state``).
+
+    MONAI's workflow sets both to -1 in every process, so without this a resumed run's validation log ("best
+    value: … at epoch: …") names the best since the resume, and can name an epoch whose model is not the
+    ``model.pt`` that the resumed best-model saver kept.
+
+    Args:
+        evaluator: the validation evaluator (``validate#evaluator``).
+    """
+
+    def __init__(self, evaluator: Engine) -> None:
+        self.evaluator = evaluator
+
+    def state_dict(self) -> dict[str, float | int]:
+        state = self.evaluator.state
+        return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.evaluator.state.best_metric = float(state["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
+
+
 class CheckedCheckpointLoader(CheckpointLoader):
     """MONAI's ``CheckpointLoader`` (same arguments) whose errors name the checkpoint and the problem: a missing,
     empty or truncated file (MONAI: a bare ``EOFError`` or ``PytorchStreamReader`` error) or weights that do not
@@ -711,6 +736,14 @@ class CheckedCheckpointLoader(CheckpointLoader):
             super().__call__(engine)
         except RuntimeError as e:
             raise RuntimeError(f"checkpoint {path}: does not fit the network: {e}") from e
+
+
+# the state objects a training checkpoint of an earlier version may lack, and what starting each afresh means
+_AFRESH: dict[type, str] = {
+    AtomicCheckpointSaver: "the first validation replaces model.pt",
+    ResumableEarlyStopHandler: "the early-stop patience counts from 0",
+    BestMetricState: "the validation log's best value counts from the resume",
+}
 
 
 class ResumeLoader(CheckedCheckpointLoader):
@@ -731,13 +764,10 @@ class ResumeLoader(CheckedCheckpointLoader):
                 self.load_dict.pop(name)  # a rank-0 handler (the best-model saver) on another rank
             elif isinstance(obj, RunRecord) and obj.resumed is None:
                 self.load_dict.pop(name)  # a checkpoint taken with --resume_foreign that holds no record
-            elif isinstance(obj, (AtomicCheckpointSaver, ResumableEarlyStopHandler)) and saved is not None \
-                    and name not in saved:
+            elif isinstance(obj, tuple(_AFRESH)) and saved is not None and name not in saved:
                 self.load_dict.pop(name)
                 logger.warning("%s: written before the checkpoint kept '%s': the resumed run starts it afresh "
-                               "(%s)", self.load_path, name,
-                               "the first validation replaces model.pt" if isinstance(obj, AtomicCheckpointSaver)
-                               else "the early-stop patience counts from 0")
+                               "(%s)", self.load_path, name, _AFRESH[type(obj)])
         super().__call__(engine)
         for name, obj in self.load_dict.items():
             if not isinstance(obj, torch.optim.Optimizer):

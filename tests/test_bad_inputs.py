@@ -279,15 +279,18 @@ def test_resume_from_a_checkpoint_written_before_it_kept_the_best_score(tmp_path
     saying that it starts both afresh."""
     from ignite.engine import Engine
 
-    from scripts.engine import AtomicCheckpointSaver, ResumableEarlyStopHandler, ResumeLoader
+    from scripts.engine import AtomicCheckpointSaver, BestMetricState, ResumableEarlyStopHandler, ResumeLoader
 
     net = torch.nn.Linear(2, 1)
     torch.save({"model": {k: v + 1 for k, v in net.state_dict().items()}}, tmp_path / "checkpoint_epoch=1.pt")
     saver = AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, save_key_metric=True,
                                   key_metric_filename="model.pt")
     early_stop = ResumableEarlyStopHandler(patience=2, score_function=lambda e: 0.0)
+    evaluator = Engine(lambda e, b: None)
+    evaluator.state.best_metric, evaluator.state.best_metric_epoch = -1, -1  # as MONAI's workflow starts them
     loader = ResumeLoader(load_path=str(tmp_path / "checkpoint_epoch=1.pt"),
-                          load_dict={"model": net, "best_model": saver, "early_stop": early_stop, "other_rank": None})
+                          load_dict={"model": net, "best_model": saver, "early_stop": early_stop,
+                                     "best_metric": BestMetricState(evaluator), "other_rank": None})
     engine = Engine(lambda e, b: None)
     engine.state.max_epochs = 2
     with caplog.at_level(logging.WARNING, logger="scripts.engine"):
@@ -295,6 +298,8 @@ def test_resume_from_a_checkpoint_written_before_it_kept_the_best_score(tmp_path
     assert torch.equal(net.weight, torch.load(tmp_path / "checkpoint_epoch=1.pt")["model"]["weight"])
     assert "written before the checkpoint kept 'best_model'" in caplog.text and "replaces model.pt" in caplog.text
     assert "'early_stop'" in caplog.text and "patience counts from 0" in caplog.text
+    assert "'best_metric'" in caplog.text and "best value counts from the resume" in caplog.text
+    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (-1, -1)
     assert saver.state_dict() == {"best": []}
 
 

@@ -109,19 +109,24 @@ def test_resume_continues_the_epoch_counter(tmp_path, demo_dir):
     saved = torch.load(checkpoint, weights_only=True)
     (best, _), = saved["best_model"]["best"]
     assert saved["early_stop"]["best_score"] == pytest.approx(best) and saved["early_stop"]["counter"] == 0
+    assert saved["best_metric"] == {"best_metric": pytest.approx(best), "best_metric_epoch": 1}
 
     resumed = _train(tmp_path, demo_dir, max_epochs=3, resume=True)
     epochs_run, restored = [], []
     resumed.trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs_run.append(e.state.epoch))
+    evaluator = resumed.parser.get_parsed_content("validate#evaluator")
     resumed.trainer.add_event_handler(Events.EPOCH_STARTED(once=2), lambda e: restored.append(
         (resumed.parser.get_parsed_content("validate#best_checkpoint").state_dict(),
-         resumed.parser.get_parsed_content("validate#early_stop").state_dict())))
+         resumed.parser.get_parsed_content("validate#early_stop").state_dict(),
+         (evaluator.state.best_metric, evaluator.state.best_metric_epoch))))
     resumed.run()
     state = resumed.trainer.state
     scheduler = resumed.parser.get_parsed_content("lr_scheduler")
     resumed.finalize()
     assert epochs_run == [2, 3]
     assert restored[0][0] == saved["best_model"] and restored[0][1] == saved["early_stop"]
+    # the evaluator's best (its log's "best value ... at epoch ...") is the run's, not the best since the resume
+    assert restored[0][2] == (pytest.approx(best), 1)
     assert state.epoch == 3 and state.iteration == 3 * epoch_length
     assert scheduler.last_epoch == 3  # the LR schedule continued too
     assert lr_after_1 < FAST.get("learning_rate", 0.001)
