@@ -73,7 +73,7 @@ def _row_and_seed(run: str) -> tuple[str, int]:
 
 def seed_table(paths: Iterable[str | Path], baseline: str | None = None) -> str:
     """A markdown table over seeds: one row per ``<row>`` of runs named ``<row>_s<seed>`` (the folder above each
-    ``eval_val``), every metric as mean ± sd over its seeds (sample sd; 0 seeds of spread shows ±0), then the
+    ``eval_val``), every metric as mean ± sd over its seeds (sample sd; a single seed shows ``± —``), then the
     per-seed ``dice_mean`` values in seed order, best mean Dice first.
 
     Args:
@@ -91,8 +91,9 @@ def seed_table(paths: Iterable[str | Path], baseline: str | None = None) -> str:
         raise ValueError(f"baseline {baseline!r} is not among the rows: {', '.join(sorted(rows))}")
 
     def mean_sd(values: list[float]) -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.fmean(values):.4f} ± {sd:.4f}"
+        if len(values) < 2:  # one seed has no spread to show: "± 0.0000" would read as a measured one
+            return f"{statistics.fmean(values):.4f} ± —"
+        return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
     def dice(row: str) -> float:
         return statistics.fmean(m["val_dice_mean"] for m in rows[row].values())
