@@ -32,7 +32,8 @@ def test_a_copy_kept_with_the_docs_is_named_by_its_stem(tmp_path):
     kept.write_bytes(_write(tmp_path, "tmca_s0", 0.7).read_bytes())
     other = _write(tmp_path, "unet_s0", 0.6)
     lines = seed_table([kept, other], baseline="unet").splitlines()
-    assert lines[2].startswith("| tmca | 1 | 0.7000 ± — |")  # one seed: no spread, not a zero one and lines[3].startswith("| unet | 1 |")
+    # one seed: no spread shown, not a zero one
+    assert lines[2].startswith("| tmca | 1 | 0.7000 ± — |") and lines[3].startswith("| unet | 1 |")
 
 
 def test_incomplete_or_foreign_files_are_named_errors(tmp_path):
