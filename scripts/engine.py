@@ -766,8 +766,9 @@ class ResumeLoader(CheckedCheckpointLoader):
                 self.load_dict.pop(name)  # a checkpoint taken with --resume_foreign that holds no record
             elif isinstance(obj, tuple(_AFRESH)) and saved is not None and name not in saved:
                 self.load_dict.pop(name)
+                meaning = next(text for kind, text in _AFRESH.items() if isinstance(obj, kind))  # subclasses too
                 logger.warning("%s: written before the checkpoint kept '%s': the resumed run starts it afresh "
-                               "(%s)", self.load_path, name, _AFRESH[type(obj)])
+                               "(%s)", self.load_path, name, meaning)
         super().__call__(engine)
         for name, obj in self.load_dict.items():
             if not isinstance(obj, torch.optim.Optimizer):
