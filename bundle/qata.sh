@@ -9,7 +9,8 @@
 #   TAG     the run folder runs/qata/TAG (default NAME); MLflow store runs/qata/TAG/mlruns.db, run name qata_TAG
 #   after --: overrides for both training and evaluation, e.g. -- --seed 1
 #
-# Resumable: rerun the same command after an interruption; a finished run is not trained again. Data:
+# Resumable: rerun the same command after an interruption; a finished run is not trained again; while one runs, a
+# second of the same TAG exits with status 75 and starts nothing (the run folder is locked). Data:
 # QATA_DIR (default ../shared/data/qata); run folders under RUNS_DIR (default runs/qata); both relative to the
 # bundle root or absolute. Threads: OMP_NUM_THREADS as usual (two runs side by side: 1 each). Loader workers:
 # NUM_WORKERS (default 0, the setting of every row in docs/results.md; raise it on a machine with spare cores).
@@ -28,6 +29,19 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1
 
 mkdir -p "$run"
 run_abs=$(cd "$run" && pwd)
+# one process per run folder: a second qata.sh of the same TAG (another bundle/study.sh lane, a forgotten terminal)
+# would train into the same checkpoints and MLflow run. It stops here instead, with status 75 (EX_TEMPFAIL), which
+# bundle/study.sh reads as "another process has this run". The lock is the open file descriptor 9, inherited by
+# the training and evaluation below, so it is held as long as any of them runs and released however they end.
+if command -v flock > /dev/null; then
+    exec 9> "$run/.lock"
+    if ! flock -n 9; then
+        echo "error: $run is in use by another bundle/qata.sh (it holds $run/.lock); nothing started" >&2
+        exit 75
+    fi
+else
+    echo "warning: flock(1) not found: a second bundle/qata.sh of tag $tag at the same time would not be stopped" >&2
+fi
 [[ -f $runs/datalist.json ]] || $py -m bundle datalist folder --root "$qata" --out "$runs/datalist.json"
 configs="['configs/train.yaml','configs/networks/$name.yaml']"
 common=(--meta_file configs/metadata.json --bundle_root . --dataset_dir "$runs" --ckpt_dir "$run/models"

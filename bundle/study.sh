@@ -5,7 +5,11 @@
 #   bundle/study.sh [--dry-run] [ROW ...]        (default: every row, in the order of ROWS below)
 #
 # EPOCHS (default 4) and SEEDS (default "0 1 2"); RUNS_DIR, QATA_DIR, PYTHON, OMP_NUM_THREADS as for
-# bundle/qata.sh. A run whose metrics file exists is not run again; an interrupted one resumes where it stopped.
+# bundle/qata.sh; STUDY_DIR (default docs/results/issue19, the 4-epoch study's) where the metrics files are kept:
+# another budget needs a folder of its own. A run whose metrics file exists is not run again; an interrupted one
+# resumes where it stopped.
+# Lanes: start it twice (e.g. `OMP_NUM_THREADS=1 bundle/study.sh &` twice on 2 cores); a run another process holds
+# (bundle/qata.sh locks its run folder) is left to it and named at the end, and this lane goes on with the next.
 # --dry-run prints each run's command (one line: network, budget, tag, then the overrides) and runs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,9 +43,16 @@ rows=("$@")
 [[ ${#rows[@]} -gt 0 ]] || rows=("${ROWS[@]}")
 for r in "${rows[@]}"; do row "$r"; done  # every name checked before the first run starts
 
-keep=docs/results/issue19
+keep=${STUDY_DIR:-docs/results/issue19}
+if [[ -z ${STUDY_DIR:-} && ${EPOCHS:-4} != 4 ]]; then
+    # the metrics files do not say their budget: a finished 4-epoch run would count as done for this one
+    echo "error: EPOCHS=$EPOCHS: $keep keeps the 4-epoch study's figures; set STUDY_DIR to a folder for this budget" >&2
+    exit 2
+fi
+$dry || mkdir -p "$keep"
 runs=${RUNS_DIR:-runs/qata}
 kept=()
+busy=()
 for r in "${rows[@]}"; do
     row "$r"
     for seed in ${SEEDS:-0 1 2}; do
@@ -49,13 +60,18 @@ for r in "${rows[@]}"; do
         cmd=(bundle/qata.sh "$net" "${EPOCHS:-4}" "$tag" -- --seed "$seed" "${RECIPE[@]}" "${args[@]}")
         if $dry; then printf '%q ' "${cmd[@]}"; echo; continue; fi
         if [[ ! -f $keep/$tag.json ]]; then
-            "${cmd[@]}"
+            status=0
+            "${cmd[@]}" || status=$?
+            if [[ $status == 75 ]]; then busy+=("$tag"); continue; fi  # another lane has it
+            [[ $status == 0 ]] || exit $status
             cp "$runs/$tag/eval_val/metrics.json" "$keep/.$tag.json.tmp" && mv "$keep/.$tag.json.tmp" "$keep/$tag.json"
         fi
         kept+=("$keep/$tag.json")
     done
 done
 $dry && exit 0
+[[ ${#busy[@]} -eq 0 ]] || echo "left to the process that holds them (not in the table below): ${busy[*]}" >&2
+[[ ${#kept[@]} -gt 0 ]] || { echo "no finished run to tabulate" >&2; exit 0; }
 baseline=()
 [[ " ${rows[*]} " == *" tmca_backbone "* ]] && baseline=(--baseline tmca_backbone)
 "${PYTHON:-.venv/bin/python}" -m bundle results --seeds "${kept[@]}" "${baseline[@]}"

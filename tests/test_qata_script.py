@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import BUNDLE_ROOT, SHARED_DATA
@@ -59,3 +61,32 @@ def test_one_row_trains_evaluates_and_is_not_trained_twice(tmp_path):
         assert 0 <= metrics["val_dice_mean"] <= 1
     written = json.loads((tmp_path / "runs" / "datalist_handwritten.json").read_text())["validation"]
     assert {e["id"] for e in written} == set(ids["val"])
+
+
+def test_a_run_folder_in_use_is_refused_and_left_untouched(tmp_path):
+    """A second qata.sh of a TAG that is training (another study lane) stops before anything, with status 75."""
+    if shutil.which("flock") is None:
+        pytest.skip("flock(1) not installed: qata.sh then only warns")
+    run = tmp_path / "runs" / "busy"
+    run.mkdir(parents=True)
+    env = {**os.environ, "RUNS_DIR": str(tmp_path / "runs"), "QATA_DIR": str(tmp_path / "no_data"), "PYTHON": "false"}
+    holder = subprocess.Popen(["flock", str(run / ".lock"), "sleep", "60"], start_new_session=True)
+    try:
+        for _ in range(100):  # until the holder has the lock
+            if subprocess.run(["flock", "-n", str(run / ".lock"), "true"]).returncode != 0:
+                break
+            time.sleep(0.05)
+        done = subprocess.run(["bash", str(BUNDLE_ROOT / "bundle" / "qata.sh"), "unet", "1", "busy"], env=env,
+                              capture_output=True, text=True)
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # flock and the sleep that holds the lock with it
+        holder.wait()
+    assert done.returncode == 75, done.stderr
+    assert f"{run} is in use by another bundle/qata.sh" in done.stderr and "nothing started" in done.stderr
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # no datalist step, no training, no evaluation
+    assert not (tmp_path / "runs" / "datalist.json").exists()
+
+    # once the holder is gone the same command goes on (here to the datalist step, which fails on the missing data)
+    free = subprocess.run(["bash", str(BUNDLE_ROOT / "bundle" / "qata.sh"), "unet", "1", "busy"], env=env,
+                          capture_output=True, text=True)
+    assert free.returncode not in (0, 75) and "in use" not in free.stderr

@@ -1,9 +1,14 @@
 """bundle/study.sh, the command behind the TMCA study of docs/results.md (issue 19)."""
 
+import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
+import pytest
 import yaml
 from conftest import BUNDLE_ROOT
 
@@ -54,4 +59,37 @@ def test_finished_runs_are_not_run_again_and_the_table_is_printed(tmp_path):
                           env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "RUNS_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| tmca_backbone | 3 |" in done.stdout and done.stdout.rstrip().endswith("| — | — |")
+    assert not any(tmp_path.iterdir())
+
+def test_a_run_another_lane_holds_is_left_to_it_and_the_lane_goes_on(tmp_path):
+    if shutil.which("flock") is None:
+        pytest.skip("flock(1) not installed: qata.sh then does not lock its run folder")
+    keep, runs = tmp_path / "keep", tmp_path / "runs"
+    keep.mkdir()
+    shutil.copy(BUNDLE_ROOT / "docs" / "results" / "issue19" / "tmca_backbone_s1.json", keep)  # seed 1 is finished
+    lock = runs / "tmca_backbone_s0" / ".lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "60"], start_new_session=True)  # seed 0 is training in another lane
+    try:
+        while subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0:
+            time.sleep(0.05)
+        done = subprocess.run(["bash", STUDY, "tmca_backbone"], capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "RUNS_DIR": str(runs),
+                                   "STUDY_DIR": str(keep), "SEEDS": "0 1",
+                                   # if the lock failed, the run would stop at once on the missing data
+                                   "QATA_DIR": str(tmp_path / "no_data")})
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # flock and the sleep that holds the lock with it
+        holder.wait()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "left to the process that holds them (not in the table below): tmca_backbone_s0" in done.stderr
+    assert "| tmca_backbone | 1 |" in done.stdout and "s1 0.7818" in done.stdout
+    assert sorted(p.name for p in lock.parent.iterdir()) == [".lock"]  # nothing trained or evaluated there
+    assert sorted(p.name for p in keep.iterdir()) == ["tmca_backbone_s1.json"]
+
+def test_another_budget_is_refused_in_the_four_epoch_studys_folder(tmp_path):
+    done = subprocess.run(["bash", STUDY, "tmca_backbone"], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "EPOCHS": "8", "RUNS_DIR": str(tmp_path)})
+    assert done.returncode == 2
+    assert "EPOCHS=8: docs/results/issue19 keeps the 4-epoch study's figures; set STUDY_DIR" in done.stderr
     assert not any(tmp_path.iterdir())
