@@ -71,7 +71,9 @@ def test_a_run_another_lane_holds_is_left_to_it_and_the_lane_goes_on(tmp_path):
     lock.parent.mkdir(parents=True)
     holder = subprocess.Popen(["flock", str(lock), "sleep", "60"], start_new_session=True)  # seed 0 is training in another lane
     try:
-        while subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0:
+        for _ in range(100):  # until the holder has the lock
+            if subprocess.run(["flock", "-n", str(lock), "true"]).returncode != 0:
+                break
             time.sleep(0.05)
         done = subprocess.run(["bash", STUDY, "tmca_backbone"], capture_output=True, text=True,
                               env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "RUNS_DIR": str(runs),
