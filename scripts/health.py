@@ -40,7 +40,8 @@ def alignment_health(
     """The health figures of one level from per-sample embeddings.
 
     Args:
-        targets: N×d target embeddings (masked means under the lesion) of the samples with a report and a lesion.
+        targets: N×d image embeddings of the samples that take part: masked means under the lesion (target
+            embeddings), or whole-image means for a network trained without the target.
         reports: N×d their reports' embeddings.
         keys: N hashable report identities (equal for equal reports).
         texts: N report texts (for laterality).
@@ -83,20 +84,30 @@ class AlignmentHealth:
     laterality_prior}``.
 
     Runs the network's encoder and alignment heads once more per validation batch (no decoder; float32, no
-    gradient) and pools each level's image embeddings under the ground truth, as the training loss does. Samples
-    without a report or without a lesion take no part. Attach it before the tracking handlers of the evaluator.
-    Under DDP each rank sees its own shard; the rank that logs reports its shard.
+    gradient) and pools each level's image embeddings as the training loss does: under the ground truth (samples
+    without a report or without a lesion take no part), or over the whole image where the loss is not
+    target-sensitive (samples without a report take no part). Attach it before the tracking handlers of the
+    evaluator. Under DDP each rank sees its own shard; the rank that logs reports its shard.
 
     Args:
         network: the TMCA module (``network_def``, not a DDP wrapper), with ``alignment_embeddings``.
         report_key: the batch key of the report text; its ``_ids``/``_mask`` keys hold the tokens.
         temperature: τ of the logits, as the training loss's.
+        target_sensitive: the training loss's switch (:func:`scripts.losses.tmca.alignment_loss`); pooling
+            otherwise than the loss would measure an objective the network was never trained on.
     """
 
-    def __init__(self, network: torch.nn.Module, report_key: str = "report", temperature: float = 0.07) -> None:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        report_key: str = "report",
+        temperature: float = 0.07,
+        target_sensitive: bool = True,
+    ) -> None:
         self.network = network
         self.report_key = report_key
         self.temperature = float(temperature)
+        self.target_sensitive = bool(target_sensitive)
         self._rows: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._keys: list[Hashable] = []
         self._texts: list[str] = []
@@ -105,6 +116,8 @@ class AlignmentHealth:
         if not getattr(self.network, "alignment_levels", ()):
             logger.info("alignment health: the network has no alignment levels; nothing to measure")
             return
+        logger.info("alignment health: image embeddings pooled %s, as the training loss pools them",
+                    "under the ground truth" if self.target_sensitive else "over the whole image")
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
         # after the forward pass, while engine.state.batch and .output are still collated (MONAI decollates them
         # at MODEL_COMPLETED)
@@ -130,7 +143,10 @@ class AlignmentHealth:
             self.network.train(was_training)
         take = None
         for stride, (pixels, report) in levels.items():
-            weight = F.interpolate(label.float(), size=pixels.shape[-2:], mode="area")[:, 0]
+            if self.target_sensitive:
+                weight = F.interpolate(label.float(), size=pixels.shape[-2:], mode="area")[:, 0]
+            else:
+                weight = torch.ones_like(pixels[:, 0], dtype=torch.float32)
             area = weight.sum(dim=(1, 2))
             if take is None:
                 take = (mask.bool().any(dim=1) & (area > 0)).cpu()

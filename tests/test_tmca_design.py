@@ -8,7 +8,7 @@ import torch
 from conftest import FAST, config, lesion_masks
 
 from scripts.engine import TrainingProgress
-from scripts.health import alignment_health
+from scripts.health import AlignmentHealth, alignment_health
 from scripts.losses import TMCALoss
 from scripts.networks import TMCA
 from scripts.networks.tmca import AlignedEnhancement
@@ -105,6 +105,41 @@ def test_alignment_health_figures():
                                reports, keys, texts)
     assert swapped["top1"] == pytest.approx(1 / 6) and swapped["laterality"] == 0.0
     assert swapped["loss"] > swapped["chance"]
+
+
+@pytest.mark.parametrize("target_sensitive", [True, False])
+def test_alignment_health_pools_as_the_loss_pools(tokens, target_sensitive):
+    """The health handler measures the objective the network trains: under the lesion for full TMCA (a sample
+    without a lesion takes no part), over the whole image for the no-target ablation (every sample with a report).
+    Pooled under the lesion, the no-target network's figures would describe an alignment it never learned."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    net = TMCA(enhancement=False).eval()
+    ids, mask = tokens
+    image, label = torch.rand(*IMAGE), lesion_masks(4)
+    label[3] = 0  # no lesion
+    texts = [f"report {i}" for i in range(4)]
+    state = SimpleNamespace(batch={"report_ids": ids, "report_mask": mask, "report": texts},
+                            output={"image": image, "label": label}, metrics={})
+    health = AlignmentHealth(net, target_sensitive=target_sensitive)
+    health.reset()
+    health.update(SimpleNamespace(state=state))
+    health.compute(SimpleNamespace(state=state))
+    take = [0, 1, 2] if target_sensitive else [0, 1, 2, 3]
+    keys = [tuple(ids[i][mask[i].bool()].tolist()) for i in take]
+    with torch.no_grad():
+        levels = net.alignment_embeddings(image, ids, mask)
+    for stride, (pixels, report) in levels.items():
+        if target_sensitive:
+            weight = torch.nn.functional.interpolate(label, size=pixels.shape[-2:], mode="area")
+            pooled = (pixels * weight).sum(dim=(2, 3)) / weight.sum(dim=(2, 3))
+        else:
+            pooled = pixels.mean(dim=(2, 3))
+        expected = alignment_health(pooled[take], report[take], keys, [texts[i] for i in take])
+        assert state.metrics[f"val_align_loss_s{stride}"] == pytest.approx(expected["loss"], rel=1e-4)
+        assert state.metrics[f"val_align_top1_s{stride}"] == pytest.approx(expected["top1"])
+    assert state.metrics["val_align_chance"] == pytest.approx(math.log(len(set(keys))))
 
 
 def test_bank_targets_match_zones_softly_and_ids_exactly():

@@ -275,6 +275,9 @@ def test_a_network_config_trains_on_train_yaml_and_infers_on_inference_yaml(netw
         assert list(net.alignment_levels) == levels
         assert net.enhancement == (network not in ("tmca_no_enhancement", "tmca_image_only", "tmca_backbone"))
         assert loss.target_sensitive == (network != "tmca_no_target")
+        handlers = wf.parser.get_parsed_content("validate#handlers")
+        (health,) = [h for h in handlers if type(h).__name__ == "AlignmentHealth"]
+        assert health.target_sensitive == loss.target_sensitive  # the health measures what the loss trains
 
     out = tmp_path / "out"
     infer = _workflow(
