@@ -125,8 +125,11 @@ class NetworkModelLogger:
         signature = model_signature(self.in_channels, self.spatial_size, inputs[1].shape[1] if takes_report else None)
         with torch.no_grad():
             net(*(torch.from_numpy(x) for x in inputs))  # eager first: caches built on real tensors, not export's
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(tracking_uri)  # log_model reads the global tracking URI
+        # log_model reads the global tracking URI, and set_tracking_uri also exports it as MLFLOW_TRACKING_URI,
+        # which MONAI's MLFlowHandler puts before its own tracking_uri: restoring get_tracking_uri()'s value (the
+        # default ./mlflow.db when none was set) would send every later MLflow handler of this process there
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(tracking_uri)
         try:
             # the run made active: log_model puts the model in the active run's experiment (given only run_id, it
             # would file it under the default experiment, in ./mlruns of the working folder); leaving the block
@@ -140,7 +143,7 @@ class NetworkModelLogger:
                     pip_requirements=_requirements(),
                 )
         finally:
-            mlflow.set_tracking_uri(previous)
+            mlflow.set_tracking_uri(previous)  # None unsets both the global URI and the variable
         logger.info("MLflow model logged: %s (run %s, weights %s)", info.model_uri, run_id, self.weights)
         return info
 

@@ -1,6 +1,7 @@
 """The bundle's configs run end to end as MONAI model-zoo tests run them."""
 
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -102,13 +103,45 @@ def test_the_best_network_is_an_mlflow_model_that_loads_back_and_segments(traine
     assert not torch.allclose(expected[0], expected[1], atol=1e-3)  # one image: the report changed the output
 
 
+@pytest.mark.parametrize("before", [None, "sqlite:////somewhere/else.db"])
+def test_logging_the_model_leaves_the_process_tracking_uri_as_it_found_it(trained, monkeypatch, before):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which MONAI's MLFlowHandler puts before its own
+    tracking_uri: left behind, every later MLflow handler of the process (an evaluation after a training, a second
+    training in a notebook or MONAI Label) logged into ./mlflow.db of the working folder instead of its store."""
+    from types import SimpleNamespace
+
+    import mlflow
+
+    from scripts.mlflow_model import NetworkModelLogger
+    from scripts.transforms import TokenizeReport
+
+    root, _ = trained
+    store = f"sqlite:///{root}/eval/mlruns.db"
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                filter_string="tags.mlflow.runName LIKE 'train_%'")
+    seen = []
+    monkeypatch.setattr(mlflow.pytorch, "log_model",  # the export itself is tested above; here only the URI
+                        lambda *a, **k: seen.append(mlflow.get_tracking_uri()) or SimpleNamespace(model_uri="m"))
+    if before is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", before)
+    logger = NetworkModelLogger(TMCA(), root / "models" / "model.pt", TokenizeReport(), 1, FAST["spatial_size"])
+    assert logger(run.info.run_id, store).model_uri == "m"
+    assert seen == [store]  # logged into the training's own store
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
+    mlflow.set_tracking_uri(None)
+
+
 @pytest.mark.parametrize("run_id", ["evaluating", "run"])  # "run": the zoo's default, `monai.bundle run` alone
 def test_evaluate_writes_the_segmentation_and_report_consistency_metrics(trained, demo_dir, run_id):
     root, _ = trained
     (root / "eval" / "metrics.json").unlink(missing_ok=True)
+    health = run_id == "evaluating"  # the alignment health on by default, switched off for the other run
     wf = _workflow(
         [config("train.yaml"), config("evaluate.yaml")], "train", root, demo_dir, run_id=run_id,
-        eval_split="test", **FAST,
+        eval_split="test", alignment_health=health, **FAST,
     )
     wf.run()
     wf.finalize()
@@ -116,9 +149,13 @@ def test_evaluate_writes_the_segmentation_and_report_consistency_metrics(trained
     assert result["split"] == "test"
     names = {"val_dice_mean", "val_dice_pooled", "val_iou_mean", "val_iou_pooled", "val_outside_named",
              "val_missed_zones"}
-    assert set(result["metrics"]) == names
+    health_names = {f"val_align_{m}_s{s}" for m in ("loss", "top1", "laterality") for s in (4, 8, 16, 32)}
+    health_names |= {"val_align_chance", "val_align_top1_prior", "val_align_laterality_prior"}
+    assert set(result["metrics"]) == (names | health_names if health else names)
+    if health:
+        assert all(0.0 <= result["metrics"][f"val_align_top1_s{s}"] <= 1.0 for s in (4, 8, 16, 32))
     # NaN only where no prediction had foreground (a 1-epoch model may predict none): then nothing lies outside
-    assert all(0.0 <= v <= 1.0 for k, v in result["metrics"].items() if k != "val_outside_named")
+    assert all(0.0 <= result["metrics"][k] <= 1.0 for k in names - {"val_outside_named"})
     assert 0.0 <= result["metrics"]["val_outside_named"] <= 1.0 or result["metrics"]["val_missed_zones"] == 1.0
     csv = (root / "eval" / "metrics.csv").read_text()
     assert all(n in csv for n in names)
