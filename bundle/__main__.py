@@ -185,6 +185,24 @@ def _pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ship(args: argparse.Namespace) -> int:
+    from bundle.ship import ship
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    extra = {}
+    for item in args.extra or []:
+        name, sep, path = item.partition("=")
+        if not (sep and name and path):
+            print(f"error: --extra {item!r}: expected NAME=DATALIST", file=sys.stderr)
+            return 2
+        extra[name] = path
+    metrics = ship(args.run_dir, args.dataset_dir, datalist=args.datalist, extra_datalists=extra,
+                   dataset=args.dataset, root=args.root, max_model_mb=args.max_model_mb or None,
+                   overrides=args.overrides, tracking_uri=args.tracking_uri)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from bundle.export import export
 
@@ -335,6 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--root", default=".", help="bundle root")
     pk.add_argument("--max-model-mb", type=float, default=25.0, help="refuse a larger models/model.pt (0: no limit)")
     pk.set_defaults(func=_pack)
+    sh = sub.add_parser("ship", help="a training run's best network as models/model.pt (float16), evaluated, with "
+                                     "its figures as eval_metrics in configs/metadata.json")
+    sh.add_argument("run_dir", help="the training run folder (models/model.pt, checkpoints, mlruns.db)")
+    sh.add_argument("--dataset-dir", required=True, help="the evaluation's dataset_dir")
+    sh.add_argument("--datalist", help="datalist whose validation split is evaluated (default <dataset-dir>/datalist.json)")
+    sh.add_argument("--extra", nargs="+", metavar="NAME=DATALIST",
+                    help="more datalists to evaluate, e.g. without_reports=runs/qata/datalist_noreport.json")
+    sh.add_argument("--dataset", help="what eval_metrics says the figures are")
+    sh.add_argument("--root", default=".", help="bundle root to ship into")
+    sh.add_argument("--max-model-mb", type=float, default=25.0, help="refuse a larger model.pt (0: no limit)")
+    sh.add_argument("--tracking-uri", help="the run's MLflow store (default <run_dir>/mlruns.db)")
+    # after `--`: monai.bundle overrides for every evaluation, e.g. `-- --device cuda:0` (split off in main)
+    sh.set_defaults(func=_ship, overrides=[])
     ex = sub.add_parser("export", help="the inference network as ONNX or TorchScript, checked against PyTorch")
     ex.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     ex.add_argument("--out", help="file to write (default models/model.onnx or models/model.ts)")
@@ -365,7 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # what follows `--` is passed on as it is (monai.bundle arguments start with -- too, which argparse would read)
+    rest = argv[argv.index("--") + 1 :] if "--" in argv else None
+    parser = build_parser()
+    args = parser.parse_args(argv[: argv.index("--")] if rest is not None else argv)
+    if rest is not None:
+        if not hasattr(args, "overrides"):
+            parser.error(f"{argv[0]} takes no arguments after --")
+        args.overrides = rest
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied DICOM module
     # per request: pynetdicom logs each association and query dataset, dicomweb-client each request

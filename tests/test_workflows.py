@@ -176,6 +176,58 @@ def test_evaluate_writes_the_segmentation_and_report_consistency_metrics(trained
         assert sorted(line.split(",")[0] for line in lines[1:]) == sorted(test_ids), name
 
 
+def test_ship_evaluates_the_float16_file_then_installs_it_with_its_figures(trained, demo_dir, tmp_path, caplog):
+    import shutil
+
+    from bundle.freetext import write_freetext_datalists
+    from bundle.ship import ShipError, ship
+    from scripts.io import file_sha256
+
+    run, _ = trained  # the training's bundle_root is its run folder: models/ and the MLflow store under eval/
+    root = tmp_path / "bundle"
+    shutil.copytree(BUNDLE_ROOT / "configs", root / "configs")
+    (root / "models").mkdir()
+    (root / "models" / "model.pt").write_bytes(b"the model shipped before")
+    data = json.loads((demo_dir / "datalist.json").read_text())  # its paths made absolute, to be read from here
+    for entry in (e for split in ("training", "validation", "test") for e in data.get(split, [])):
+        entry.update({k: str(demo_dir / entry[k]) for k in ("image", "label") if k in entry})
+    (tmp_path / "datalist.json").write_text(json.dumps(data))
+    _, noreport = write_freetext_datalists(tmp_path / "datalist.json")
+    args = dict(datalist=tmp_path / "datalist.json", root=root, tracking_uri=f"sqlite:///{run}/eval/mlruns.db",
+                overrides=["--spatial_size", "[64, 64]"])
+    meta_before = (root / "configs" / "metadata.json").read_text()
+    with pytest.raises(ShipError, match=r"(?s)evaluation 'broken' on .*missing.json failed"):
+        ship(run, demo_dir, extra_datalists={"broken": tmp_path / "missing.json"}, **args)
+    assert (root / "models" / "model.pt").read_bytes() == b"the model shipped before"  # a failed ship changes nothing
+    assert (root / "configs" / "metadata.json").read_text() == meta_before
+
+    got = ship(run, demo_dir, extra_datalists={"without_reports": noreport}, dataset="demo validation", **args)
+    shipped = root / "models" / "model.pt"
+    assert got["model_sha256"] == file_sha256(shipped) == file_sha256(run / "shipped" / "model.pt")
+    weights = torch.load(shipped, weights_only=True)
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
+    TMCA().load_state_dict(weights, strict=True)
+    assert [p.read_bytes() for p in (root / "models").glob("model.replaced-*.pt")] == [b"the model shipped before"]
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    assert meta["eval_metrics"] == got and {k: v for k, v in meta.items() if k != "eval_metrics"} == {
+        k: v for k, v in json.loads(meta_before).items() if k != "eval_metrics"}
+    # the figures are those of the float16 file's own evaluations, by list
+    for name, suffix in (("validation", ""), ("without_reports", "_without_reports")):
+        result = json.loads((run / "shipped" / f"eval_{name}" / "metrics.json").read_text())
+        assert result["checkpoint_sha256"] == got["model_sha256"]
+        assert got[f"val_dice_mean{suffix}"] == round(result["metrics"]["val_dice_mean"], 4)
+    assert {"val_dice_pooled", "val_iou_mean", "val_outside_named"} <= set(got)
+    assert not any(k.startswith("val_align") for k in got)
+    assert got["dataset"] == "demo validation"
+    # the training command, found through the run record of the run's training checkpoint
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{run}/eval/mlruns.db")
+    (train_run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                    if "command" in r.data.params]
+    assert got["training_command"] == train_run.data.params["command"]
+
+
 def _infer(root, data_dir, out_dir):
     wf = _workflow(
         config("inference.yaml"), "infer", root, data_dir, output_dir=str(out_dir), spatial_size=FAST["spatial_size"]
