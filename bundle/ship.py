@@ -15,7 +15,7 @@ folder and the bundle's own configs, and changes nothing in the bundle until eve
    (e.g. the no-report list of ``python -m bundle freetext``); each ``metrics.json`` must name that file's SHA-256;
 5. then ``models/model.pt`` is replaced (a different previous file is kept as ``model.replaced-<time>.pt``) and
    ``eval_metrics`` of ``configs/metadata.json`` rewritten, both atomically, with the figures, the file's SHA-256
-   and the training command the run's MLflow store recorded.
+   and the training command and status the run's MLflow store recorded.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from bundle.load import BUNDLE_ROOT, bundle_parser, checkpoint_weights, fit_weig
 from scripts.io import atomic_torch_save, atomic_write, atomic_write_text, file_sha256
 from scripts.run_record import read_run_record
 
-__all__ = ["ShipError", "half_weights", "training_command", "ship"]
+__all__ = ["ShipError", "half_weights", "training_run", "ship"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +70,12 @@ def half_weights(weights: Mapping[str, Any], source: PathLike) -> dict[str, Any]
     return out
 
 
-def training_command(run_dir: PathLike, tracking_uri: str | None = None) -> str | None:
-    """The training command of the run that wrote ``<run_dir>/models``, as its MLflow run recorded it (the
-    ``command`` parameter), found through the run record of its newest ``checkpoint_*.pt``; None (with a warning)
-    when there is no training checkpoint, no record, no store or no such run.
+def training_run(run_dir: PathLike, tracking_uri: str | None = None) -> dict[str, str]:
+    """Where the weights of ``<run_dir>/models`` come from, as the run's MLflow run recorded it:
+    ``training_command`` (its ``command`` parameter) and ``training_status`` (FINISHED, or RUNNING, KILLED, FAILED
+    for a run that has not ended well: shipping its best model so far is then said in a warning). Found through the
+    run record of the newest ``checkpoint_*.pt``; empty (with a warning) when there is no training checkpoint, no
+    record, no store or no such run.
 
     Args:
         tracking_uri: the run's MLflow store (default: ``<run_dir>/mlruns.db``, ``bundle/qata.sh``'s layout).
@@ -86,17 +88,22 @@ def training_command(run_dir: PathLike, tracking_uri: str | None = None) -> str 
     uri = tracking_uri or (f"sqlite:///{store.resolve()}" if store.is_file() else None)
     if not run_id or uri is None:
         why = "no training checkpoint with a run record" if not run_id else f"no MLflow store ({store})"
-        logger.warning("ship: the training command of %s is not known (%s); eval_metrics will not name it",
+        logger.warning("ship: the training run of %s is not known (%s); eval_metrics will not name its command",
                        run_dir, why)
-        return None
+        return {}
     import mlflow
 
     try:
-        return mlflow.MlflowClient(uri).get_run(run_id).data.params.get("command")
+        run = mlflow.MlflowClient(uri).get_run(run_id)
     except Exception as e:  # an MLflow store of another version, a deleted run: the command is optional
-        logger.warning("ship: MLflow run %s not readable in %s (%s: %s); eval_metrics will not name the training "
-                       "command", run_id, uri, type(e).__name__, e)
-        return None
+        logger.warning("ship: MLflow run %s not readable in %s (%s: %s); eval_metrics will not name its command",
+                       run_id, uri, type(e).__name__, e)
+        return {}
+    if run.info.status != "FINISHED":
+        logger.warning("ship: training run %s of %s is %s, not FINISHED: its best model so far is shipped", run_id,
+                       run_dir, run.info.status)
+    found = {"training_command": run.data.params.get("command"), "training_status": run.info.status}
+    return {k: v for k, v in found.items() if v}
 
 
 def _evaluate(
@@ -190,9 +197,7 @@ def ship(
     lists = {"validation": datalist, **{k: Path(v).resolve() for k, v in (extra_datalists or {}).items()}}
     results = {name: _evaluate(root, staged.parent, name, dataset_dir, path, overrides) for name, path in lists.items()}
     eval_metrics: dict[str, Any] = {"dataset": dataset or f"validation split of {datalist}", "model_sha256": sha}
-    command = training_command(run_dir, tracking_uri)
-    if command:
-        eval_metrics["training_command"] = command
+    eval_metrics.update(training_run(run_dir, tracking_uri))
     eval_metrics.update({k: round(v, 4) for k, v in results.pop("validation").items() if k.startswith(_SHIPPED_PREFIXES)})
     for name, metrics in results.items():
         eval_metrics.update({f"{k}_{name}": round(metrics[k], 4) for k in _EXTRA_FIGURES if k in metrics})

@@ -176,7 +176,7 @@ def test_evaluate_writes_the_segmentation_and_report_consistency_metrics(trained
         assert sorted(line.split(",")[0] for line in lines[1:]) == sorted(test_ids), name
 
 
-def test_ship_evaluates_the_float16_file_then_installs_it_with_its_figures(trained, demo_dir, tmp_path, caplog):
+def test_ship_evaluates_the_float16_file_then_installs_it_with_its_figures(trained, demo_dir, tmp_path):
     import shutil
 
     from bundle.freetext import write_freetext_datalists
@@ -226,6 +226,30 @@ def test_ship_evaluates_the_float16_file_then_installs_it_with_its_figures(train
     (train_run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
                     if "command" in r.data.params]
     assert got["training_command"] == train_run.data.params["command"]
+    assert got["training_status"] == "FINISHED"
+
+
+def test_ship_says_when_the_training_run_has_not_finished(trained, tmp_path, caplog):
+    import shutil
+
+    import mlflow
+
+    from bundle.ship import training_run
+
+    run, _ = trained
+    shutil.copy(run / "eval" / "mlruns.db", tmp_path / "mlruns.db")  # the module's store stays as it is
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    client = mlflow.MlflowClient(uri)
+    (train_run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                    if "command" in r.data.params]
+    client.set_terminated(train_run.info.run_id, "KILLED")  # a training ended by a signal, or cut off
+    with caplog.at_level("WARNING", logger="bundle.ship"):
+        found = training_run(run, uri)
+    assert found == {"training_command": train_run.data.params["command"], "training_status": "KILLED"}
+    assert f"training run {train_run.info.run_id} of {run} is KILLED, not FINISHED" in caplog.text
+    with caplog.at_level("WARNING", logger="bundle.ship"):
+        assert training_run(tmp_path / "no_run") == {}
+    assert "no training checkpoint with a run record" in caplog.text
 
 
 def _infer(root, data_dir, out_dir):
