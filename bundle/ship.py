@@ -25,7 +25,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 
 from bundle.load import BUNDLE_ROOT, bundle_parser, checkpoint_weights, fit_weights
-from scripts.io import atomic_torch_save, atomic_write, atomic_write_text, file_sha256
+from scripts.io import atomic_torch_save, atomic_write, atomic_write_text, file_sha256, keep_aside
 from scripts.run_record import read_run_record
 
 __all__ = ["ShipError", "half_weights", "training_run", "ship"]
@@ -107,10 +106,11 @@ def training_run(run_dir: PathLike, tracking_uri: str | None = None) -> dict[str
 
 
 def _evaluate(
-    root: Path, ckpt_dir: Path, name: str, dataset_dir: Path, datalist: Path, overrides: Sequence[str]
+    root: Path, ckpt_dir: Path, sha: str, name: str, dataset_dir: Path, datalist: Path, overrides: Sequence[str]
 ) -> dict[str, float]:
-    """``monai.bundle run evaluating`` of ``ckpt_dir/model.pt`` on ``datalist``: the command a user runs, in a
-    process of its own (a failure or a leak there cannot touch this one); returns its metrics."""
+    """``monai.bundle run evaluating`` of ``ckpt_dir/model.pt`` (whose SHA-256 is ``sha``) on ``datalist``: the
+    command a user runs, in a process of its own (a failure or a leak there cannot touch this one); returns its
+    metrics."""
     out = ckpt_dir / f"eval_{name}"
     configs = [str(root / "configs" / "train.yaml"), str(root / "configs" / "evaluate.yaml")]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", str(configs),
@@ -126,7 +126,7 @@ def _evaluate(
     if done.returncode != 0:
         raise ShipError(f"evaluation '{name}' on {datalist} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     result = json.loads((out / "metrics.json").read_text())
-    if result.get("checkpoint_sha256") != file_sha256(ckpt_dir / "model.pt"):
+    if result.get("checkpoint_sha256") != sha:
         raise ShipError(f"{out / 'metrics.json'} does not name {ckpt_dir / 'model.pt'} by its SHA-256")
     return result["metrics"]
 
@@ -135,8 +135,7 @@ def _keep_replaced(dest: Path, new_sha: str) -> Path | None:
     """Moves a ``dest`` whose content differs from the file about to ship aside; returns its new path."""
     if not dest.is_file() or file_sha256(dest) == new_sha:
         return None
-    kept = dest.with_name(f"{dest.stem}.replaced-{time.strftime('%Y%m%d-%H%M%S')}{dest.suffix}")
-    os.replace(dest, kept)
+    kept = keep_aside(dest)
     logger.warning("ship: the previous %s is kept as %s", dest, kept.name)
     return kept
 
@@ -195,7 +194,7 @@ def ship(
     sha = file_sha256(staged)
 
     lists = {"validation": datalist, **{k: Path(v).resolve() for k, v in (extra_datalists or {}).items()}}
-    results = {name: _evaluate(root, staged.parent, name, dataset_dir, path, overrides) for name, path in lists.items()}
+    results = {name: _evaluate(root, staged.parent, sha, name, dataset_dir, path, overrides) for name, path in lists.items()}
     eval_metrics: dict[str, Any] = {"dataset": dataset or f"validation split of {datalist}", "model_sha256": sha}
     eval_metrics.update(training_run(run_dir, tracking_uri))
     eval_metrics.update({k: round(v, 4) for k, v in results.pop("validation").items() if k.startswith(_SHIPPED_PREFIXES)})

@@ -11,7 +11,6 @@ import re
 import signal
 import sys
 import threading
-import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from monai.utils import CommonKeys as Keys
 
 from scripts.console import drop_fresh_start_line
 from scripts.data import SKIPPED_KEY
-from scripts.io import atomic_torch_save, atomic_write_text
+from scripts.io import atomic_torch_save, atomic_write_text, keep_aside
 from scripts.precision import Autocast
 from scripts.run_record import RunRecord
 from scripts.zones import report_zones
@@ -606,8 +605,7 @@ class _AtomicDiskSaver(DiskSaver):
         name = self.filename or filename
         dest = Path(self.dirname) / name
         if self.keep_replaced and dest.is_file():  # a file this run did not write: kept under another name
-            kept = dest.with_name(f"{dest.stem}.replaced-{time.strftime('%Y%m%d-%H%M%S')}{dest.suffix}")
-            os.replace(dest, kept)
+            kept = keep_aside(dest)
             logger.warning("%s existed before this run (e.g. the shipped model): kept as %s", dest, kept.name)
         self.keep_replaced = False
         atomic_torch_save(checkpoint, dest)

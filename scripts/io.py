@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "file_sha256"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "file_sha256", "keep_aside"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], mode: int = 0o644) -> Path:
@@ -69,3 +70,17 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20, missing: str | No
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def keep_aside(path: str | os.PathLike) -> Path:
+    """Renames ``path`` to ``<stem>.replaced-<YYYYmmdd-HHMMSS>[-N]<suffix>`` in its folder, so that a file about to
+    be written in its place (a shipped model, another run's best) is kept rather than overwritten; returns the new
+    path. A name already taken (two replacements within one second) gets the next free ``-N``: never overwritten.
+    """
+    src = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    kept, n = src.with_name(f"{src.stem}.replaced-{stamp}{src.suffix}"), 1
+    while kept.exists():
+        kept, n = src.with_name(f"{src.stem}.replaced-{stamp}-{n}{src.suffix}"), n + 1
+    os.replace(src, kept)
+    return kept

@@ -210,6 +210,22 @@ def test_non_finite_weights_stop_the_run_before_anything_is_saved(tmp_path):
     assert saved == []  # handlers attached after the guard (the savers) never ran
 
 
+def test_files_kept_aside_within_one_second_never_overwrite_each_other(tmp_path, monkeypatch):
+    """Two shipped models replaced in the same second (the clock stands still here): both are kept."""
+    from scripts import io
+
+    monkeypatch.setattr(io.time, "strftime", lambda fmt: "20261208-010203")
+    dest = tmp_path / "model.pt"
+    kept = []
+    for content in (b"first", b"second", b"third"):
+        dest.write_bytes(content)
+        kept.append(io.keep_aside(dest))
+    assert [p.name for p in kept] == ["model.replaced-20261208-010203.pt", "model.replaced-20261208-010203-1.pt",
+                                      "model.replaced-20261208-010203-2.pt"]
+    assert [p.read_bytes() for p in kept] == [b"first", b"second", b"third"]
+    assert not dest.exists()
+
+
 def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one(tmp_path):
     """SIGKILL in the middle of writing model.pt and checkpoint_epoch=2.pt: both previous files stay complete."""
     import signal
