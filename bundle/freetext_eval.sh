@@ -6,7 +6,7 @@
 #
 #   bundle/freetext_eval.sh NAME TAG [-- extra monai.bundle overrides ...]
 #
-#   NAME, TAG and RUNS_DIR as for bundle/qata.sh (the run folder RUNS_DIR/TAG with models/model.pt).
+#   NAME (A or A+B), TAG and RUNS_DIR as for bundle/qata.sh (the run folder RUNS_DIR/TAG with models/model.pt).
 # Results: RUNS_DIR/TAG/eval_val<variant>/metrics.json, variants: "" (templated; the one bundle/qata.sh writes, made
 # here when missing), _freetext and _handwritten (each also _as_written), _noreport. Each evaluation that exists
 # already is not run again. The hand-written list holds the validation images whose zones a hand-written sentence
@@ -19,6 +19,8 @@ runs=${RUNS_DIR:-runs/qata}
 run=$runs/$tag
 py=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1
+source bundle/network_configs.sh
+network_configs "$name"
 [[ -f $run/models/model.pt ]] || { echo "error: $run/models/model.pt not found (train it with bundle/qata.sh)" >&2; exit 2; }
 [[ -f $runs/datalist_handwritten.json ]] || $py -m bundle freetext "$runs/datalist.json"
 run_abs=$(cd "$run" && pwd)
@@ -27,7 +29,7 @@ for variant in "${variants[@]}"; do
     [[ -f $run/eval_val$variant/metrics.json ]] && continue
     as_written=(); [[ $variant == *_as_written ]] && as_written=(--report_template none)
     $py -m monai.bundle run evaluating --meta_file configs/metadata.json --bundle_root . \
-        --config_file "['configs/train.yaml','configs/networks/$name.yaml','configs/evaluate.yaml']" \
+        --config_file "['configs/train.yaml'$nets,'configs/evaluate.yaml']" \
         --dataset_dir "$runs" --datalist "$runs/datalist${variant%_as_written}.json" --ckpt_dir "$run/models" \
         --tracking_uri "sqlite:///$run_abs/mlruns.db" --num_workers "${NUM_WORKERS:-0}" \
         --output_dir "$run/eval_val$variant" --run_name "qata_${tag}_eval_val$variant" "$@" "${as_written[@]}"

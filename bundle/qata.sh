@@ -4,7 +4,7 @@
 #
 #   bundle/qata.sh NAME EPOCHS [TAG] [-- extra monai.bundle overrides ...]
 #
-#   NAME    configs/networks/NAME.yaml, merged on top of configs/train.yaml
+#   NAME    configs/networks/NAME.yaml, merged on top of configs/train.yaml; A+B merges A.yaml then B.yaml
 #   EPOCHS  the budget (cosine schedule over it)
 #   TAG     the run folder runs/qata/TAG (default NAME); MLflow store runs/qata/TAG/mlruns.db, run name qata_TAG
 #   after --: overrides for both training and evaluation, e.g. -- --seed 1
@@ -26,6 +26,8 @@ runs=${RUNS_DIR:-runs/qata}
 run=$runs/$tag
 py=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1
+source bundle/network_configs.sh
+network_configs "$name"
 
 mkdir -p "$run"
 run_abs=$(cd "$run" && pwd)
@@ -43,7 +45,7 @@ else
     echo "warning: flock(1) not found: a second bundle/qata.sh of tag $tag at the same time would not be stopped" >&2
 fi
 [[ -f $runs/datalist.json ]] || $py -m bundle datalist folder --root "$qata" --out "$runs/datalist.json"
-configs="['configs/train.yaml','configs/networks/$name.yaml']"
+configs="['configs/train.yaml'$nets]"
 common=(--meta_file configs/metadata.json --bundle_root . --dataset_dir "$runs" --ckpt_dir "$run/models"
         --tracking_uri "sqlite:///$run_abs/mlruns.db" --num_workers "${NUM_WORKERS:-0}")
 
@@ -54,6 +56,6 @@ if [[ ! -f $run/trained ]]; then
         --max_epochs "$epochs" --run_name "qata_$tag" --resume $resume "$@"
     touch "$run/trained"
 fi
-$py -m monai.bundle run evaluating --config_file "['configs/train.yaml','configs/networks/$name.yaml','configs/evaluate.yaml']" \
+$py -m monai.bundle run evaluating --config_file "['configs/train.yaml'$nets,'configs/evaluate.yaml']" \
     "${common[@]}" --output_dir "$run/eval_val" --run_name "qata_${tag}_eval_val" "$@"
 cat "$run/eval_val/metrics.json"

@@ -14,8 +14,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# full TMCA as studied: the design switches of docs/tmca.md ("Design switches under study") on top of the
-# train.yaml defaults; every TMCA row below differs from it in one switch, set in its configs/networks file
+# full TMCA as studied: the design switches of docs/tmca.md ("Design switches under study"), each spelled out (off
+# ones too) so that a row means what it meant when it ran whatever train.yaml's defaults become; every TMCA row
+# below differs from it in one switch, set in its configs/networks file
 V2=(--loss#level_reduction mean --loss#warmup_epochs 1 --network_def#enhancement_space aligned
     --network_def#enhancement_alpha_init 0.0 --network_def#alignment_position True)
 BANK=(--network_def#report_bank True
@@ -28,7 +29,7 @@ ROWS=(tmca_backbone tmca_v2 tmca_v2bank tmca_v2bank_no_target tmca_v2bank_single
 row() {  # ROW -> $net (configs/networks/$net.yaml) and $args (its overrides)
     args=()
     case $1 in
-        tmca_v2) net=tmca; args=("${V2[@]}") ;;
+        tmca_v2) net=tmca; args=("${V2[@]}" --network_def#report_bank False) ;;
         tmca_v2bank) net=tmca; args=("${V2[@]}" "${BANK[@]}") ;;
         tmca_v2bank_no_target | tmca_v2bank_single_level | tmca_v2bank_no_enhancement)
             net=tmca_${1#tmca_v2bank_}; args=("${V2[@]}" "${BANK[@]}") ;;

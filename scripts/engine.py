@@ -448,7 +448,8 @@ class ReportBank:
     """Fills a network's report bank (``TMCA(report_bank=True)``) with every distinct report of the training
     datalist, tokenised with the config's tokenizer, when training starts.
 
-    A network without a bank switched on is left alone (one log line says so). A bank whose trainer does not hand
+    A network without a bank switched on is left alone (one log line says so), as is one whose training datalist
+    holds no report (a warning says so; MONAI Label trains from image + label lists). A bank whose trainer does not hand
     the network the batch's zone raster (``zones`` among ``prepare_batch#text_keys``) matches reports by their token
     ids alone, so a rephrased report has no positive in the bank and takes no part in the bank term: a warning says
     so when training starts.
@@ -479,8 +480,10 @@ class ReportBank:
     def __call__(self, engine: Engine | None = None) -> None:
         texts = sorted({e[self.report_key].strip() for e in self.datalist
                         if isinstance(e.get(self.report_key), str) and e[self.report_key].strip()})
-        if not texts:
-            raise ValueError("report bank: the training datalist has no report")
+        if not texts:  # e.g. MONAI Label's image + label lists: no report has anything to align with
+            logger.warning("report bank: the training datalist has no report, so the bank stays empty (the "
+                           "alignment takes only samples with a report, within their batch)")
+            return
         pairs = [self.tokenizer(t) for t in texts]
         flags = [report_zones(t) for t in texts]
         flags = np.stack([z.reshape(-1) if z is not None else np.zeros(6, dtype=bool) for z in flags])

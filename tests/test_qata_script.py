@@ -90,3 +90,26 @@ def test_a_run_folder_in_use_is_refused_and_left_untouched(tmp_path):
     free = subprocess.run(["bash", str(BUNDLE_ROOT / "bundle" / "qata.sh"), "unet", "1", "busy"], env=env,
                           capture_output=True, text=True)
     assert free.returncode not in (0, 75) and "in use" not in free.stderr
+
+
+def test_a_name_of_two_network_files_merges_both_and_an_unknown_one_is_refused(tmp_path):
+    """`tmca+tmca_no_target`: two network files merged, in that order."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "datalist.json").write_text("{}")
+    fake = tmp_path / "python"  # records each command the script would run
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "RUNS_DIR": str(runs), "PYTHON": str(fake)}
+    qata = str(BUNDLE_ROOT / "bundle" / "qata.sh")
+    subprocess.run(["bash", qata, "tmca+tmca_no_target", "1", "row"], env=env, capture_output=True, text=True)
+    training, evaluating = (tmp_path / "calls").read_text().splitlines()
+    nets = "'configs/networks/tmca.yaml','configs/networks/tmca_no_target.yaml'"
+    assert f"run training --config_file ['configs/train.yaml',{nets}]" in training
+    assert f"run evaluating --config_file ['configs/train.yaml',{nets},'configs/evaluate.yaml']" in evaluating
+
+    done = subprocess.run(["bash", qata, "tmca+tmca_typo", "1", "typo"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "no configs/networks/tmca_typo.yaml (network 'tmca+tmca_typo'" in done.stderr
+    assert "tmca_no_target" in done.stderr  # the names there are
+    assert not (runs / "typo").exists()

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, config, lesion_masks
+from conftest import FAST, captured_logs, config, lesion_masks
 
 from scripts.engine import TrainingProgress
 from scripts.health import AlignmentHealth, alignment_health
@@ -177,8 +177,13 @@ def test_report_bank_is_filled_at_start_and_replaces_the_batch_as_candidates(tok
     assert not torch.isclose(with_bank["loss_align_s32"], without["loss_align_s32"])
     with_bank["loss"].backward()
     assert net.align_text["32"].key.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="no report"):
-        ReportBank(net, [{"image": "x"}], TokenizeReport())()
+    # a list without any report (MONAI Label's image + label lists): nothing to align, the bank stays empty
+    empty = TMCA(report_bank=True, enhancement=False).train()
+    with captured_logs("scripts.engine") as records:
+        ReportBank(empty, [{"image": "x"}], TokenizeReport())()
+    assert empty.bank_ids is None
+    assert any("the training datalist has no report" in r.getMessage() for r in records)
+    assert "align_bank" not in empty(torch.rand(*IMAGE), *tokens)
 
 
 def test_report_bank_warns_when_the_trainer_does_not_pass_the_zones(caplog):
@@ -199,13 +204,12 @@ def test_report_bank_warns_when_the_trainer_does_not_pass_the_zones(caplog):
 
 
 def test_train_config_with_the_report_bank_runs(demo_dir, tmp_path):
+    """The bank switched on; train.yaml's prepare_batch passes the zones."""
     from monai.bundle import ConfigWorkflow
 
     wf = ConfigWorkflow(
         config_file=config("train.yaml"), meta_file=config("metadata.json"), workflow_type="train",
-        bundle_root=str(tmp_path), dataset_dir=str(demo_dir), **FAST,
-        **{"network_def#report_bank": True, "prepare_batch#text_keys": {"text_ids": "report_ids",
-                                                                        "text_mask": "report_mask", "zones": "zones"}},
+        bundle_root=str(tmp_path), dataset_dir=str(demo_dir), **FAST, **{"network_def#report_bank": True},
     )
     wf.initialize()
     wf.run()

@@ -1,0 +1,16 @@
+# Sourced by bundle/qata.sh and bundle/freetext_eval.sh (from the bundle root): network_configs NAME sets $nets, the
+# network files of NAME for a --config_file list after configs/train.yaml: ",'configs/networks/NAME.yaml'"; NAME
+# A+B gives A's then B's (e.g. tmca+tmca_no_target).
+# An unknown part is an error naming it (exit 2) before anything runs.
+network_configs() {
+    local part parts
+    nets=""
+    IFS=+ read -ra parts <<< "$1"
+    for part in "${parts[@]}"; do
+        if [[ -z $part || ! -f configs/networks/$part.yaml ]]; then
+            echo "error: no configs/networks/$part.yaml (network '$1'; names: $(cd configs/networks && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' '))" >&2
+            exit 2
+        fi
+        nets+=",'configs/networks/$part.yaml'"
+    done
+}
