@@ -6,20 +6,46 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["RunRecord", "datalist_digest", "read_run_record", "run_tags"]
+__all__ = ["RunRecord", "command_line", "datalist_digest", "read_run_record", "run_tags"]
 
 logger = logging.getLogger(__name__)
 
 # the entry of a training checkpoint (train#checkpoint_state) that holds the record
 RECORD_KEY = "run"
 _PATH_KEYS = ("image", "label")
+
+
+def command_line(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The command that started this process, as it can be typed again: ``python -m <module>`` where Python ran a
+    package's ``__main__.py`` (``sys.argv[0]`` is then that file's path, e.g. ``.../monai/bundle/__main__.py``),
+    ``torchrun --nnodes N --nproc_per_node M`` in front where torchrun started it (its environment says so), and
+    every argument quoted where a shell needs it (``' '.join`` would leave ``--text_keys "{'a': 'b'}"`` unusable).
+    """
+    args, env = list(sys.argv if argv is None else argv), os.environ if env is None else env
+    launcher = ["python"]
+    if "TORCHELASTIC_RUN_ID" in env and env.get("LOCAL_WORLD_SIZE"):
+        local, world = int(env["LOCAL_WORLD_SIZE"]), int(env.get("WORLD_SIZE", env["LOCAL_WORLD_SIZE"]))
+        launcher = ["torchrun", f"--nnodes={max(world // local, 1)}", f"--nproc_per_node={local}"]
+    main = Path(args[0]) if args else None
+    if main is not None and main.name == "__main__.py":
+        package = [main.parent.name]
+        for parent in main.parent.parents:  # up while the folders are packages: monai/bundle -> monai.bundle
+            if not (parent / "__init__.py").is_file():
+                break
+            package.insert(0, parent.name)
+        args[0:1] = [*launcher, "-m", ".".join(package)]
+    elif launcher[0] == "torchrun" and args:
+        args[0:0] = launcher
+    return shlex.join(args)
 
 
 def datalist_digest(*splits: Sequence[Mapping[str, Any]]) -> str:

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -42,6 +43,25 @@ def _runs(root):
     return client, client.search_runs([experiment.experiment_id])
 
 
+def test_the_command_line_is_logged_as_it_can_be_typed_again(tmp_path):
+    from scripts.run_record import command_line
+
+    main = tmp_path / "site" / "monai" / "bundle" / "__main__.py"
+    main.parent.mkdir(parents=True)
+    for package in (main.parent, main.parent.parent):
+        (package / "__init__.py").touch()
+    main.touch()
+    keys = "{'text_ids': 'report_ids', 'zones': 'zones'}"
+    argv = [str(main), "run", "training", "--prepare_batch#text_keys", keys, "--seed", "0"]
+    line = command_line(argv, env={})
+    assert line.startswith("python -m monai.bundle run training ")
+    assert shlex.split(line)[5:] == ["--prepare_batch#text_keys", keys, "--seed", "0"]
+    assert command_line(["/opt/tool.py", "a b"], env={}) == "/opt/tool.py 'a b'"  # a script: its path as run
+    # a rank that torchrun started (2 nodes of 4 processes)
+    torchrun = {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8"}
+    assert command_line(argv, env=torchrun).startswith("torchrun --nnodes=2 --nproc_per_node=4 -m monai.bundle run ")
+
+
 @pytest.mark.slow
 def test_run_training_with_tracking_logs_one_complete_mlflow_run(tmp_path, demo_dir):
     _run([
@@ -67,7 +87,8 @@ def test_run_training_with_tracking_logs_one_complete_mlflow_run(tmp_path, demo_
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["mlflow.source.git.commit"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.pt", "train.yaml", "metadata.json"} <= artifacts  # the configs folder, file by file
-    assert "--dataset_dir" in run.data.params["command"]
+    command = shlex.split(run.data.params["command"])  # as it can be typed again
+    assert command[:5] == ["python", "-m", "monai.bundle", "run", "training"] and str(demo_dir) in command
     assert any(a.startswith("config_") and a.endswith(".json") for a in artifacts)  # the executed config
 
 
