@@ -1,6 +1,6 @@
 # Sourced by bundle/qata.sh and bundle/freetext_eval.sh (from the bundle root): network_configs NAME sets $nets, the
 # network files of NAME for a --config_file list after configs/train.yaml: ",'configs/networks/NAME.yaml'"; NAME
-# A+B gives A's then B's (e.g. tmca+tmca_no_target).
+# A+B gives A's then B's (e.g. tmca_v1+tmca_no_target: an ablation row of the first TMCA design, before 1.0.0).
 # An unknown part is an error naming it (exit 2) before anything runs.
 network_configs() {
     local part parts

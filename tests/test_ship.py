@@ -41,7 +41,7 @@ def test_half_weights_casts_floats_only_and_refuses_what_float16_cannot_hold():
 def test_ship_refuses_a_run_trained_with_other_switches_and_changes_nothing(tmp_path):
     root = _bundle_copy(tmp_path)
     run = tmp_path / "run"
-    parser = bundle_parser(root / "configs" / "inference.yaml", {"network_def#alignment_position": True}, root=root)
+    parser = bundle_parser(root / "configs" / "inference.yaml", {"network_def#alignment_position": False}, root=root)
     (run / "models").mkdir(parents=True)
     torch.save(parser.get_parsed_content("network_def").state_dict(), run / "models" / "model.pt")
     before = _digest(root)

@@ -204,12 +204,12 @@ def test_report_bank_warns_when_the_trainer_does_not_pass_the_zones(caplog):
 
 
 def test_train_config_with_the_report_bank_runs(demo_dir, tmp_path):
-    """The bank switched on; train.yaml's prepare_batch passes the zones."""
+    """train.yaml's defaults since 1.0.0: the bank on, the zones passed."""
     from monai.bundle import ConfigWorkflow
 
     wf = ConfigWorkflow(
         config_file=config("train.yaml"), meta_file=config("metadata.json"), workflow_type="train",
-        bundle_root=str(tmp_path), dataset_dir=str(demo_dir), **FAST, **{"network_def#report_bank": True},
+        bundle_root=str(tmp_path), dataset_dir=str(demo_dir), **FAST,
     )
     wf.initialize()
     wf.run()
