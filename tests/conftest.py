@@ -42,6 +42,14 @@ def config(name: str) -> str:
     return str(BUNDLE_ROOT / "configs" / name)
 
 
+def bundle_tmca():
+    """TMCA as the bundle's configs build it (inference.yaml's ``network_def``), the network the shipped weights and
+    every training of train.yaml fit; ``scripts.networks.TMCA()``'s Python defaults are the first design's."""
+    from bundle.load import bundle_parser
+
+    return bundle_parser(config("inference.yaml")).get_parsed_content("network_def")
+
+
 # reports of the network tests: a repeated one (equal reports are positives of each other, never negatives) and
 # named zones; a test module may set its own REPORTS, which the `tokens` fixture then reads
 REPORTS = ["lower left lung.", "upper right lung.", "lower left lung.", "all left lung and middle right lung."]

@@ -12,14 +12,13 @@ import time
 import mlflow
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, FAST, captured_logs, config
+from conftest import BUNDLE_ROOT, FAST, bundle_tmca, captured_logs, config
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
 from scripts.engine import latest_checkpoint
 from scripts.errors import error_chain
 from scripts.run_record import read_run_record
-from scripts.networks import TMCA
 
 EXPERIMENT = "language_guided_segmentation"
 
@@ -101,7 +100,7 @@ def test_torchrun_two_processes_on_gloo(tmp_path, demo_dir):
         "--bundle_root", str(tmp_path), "--dataset_dir", str(demo_dir), *_cli_overrides(),
     ])
     saved = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
-    TMCA().load_state_dict(saved.get("model", saved), strict=True)
+    bundle_tmca().load_state_dict(saved.get("model", saved), strict=True)
     _, runs = _runs(tmp_path)
     assert len(runs) == 1  # rank 1 does not log
 
@@ -315,7 +314,7 @@ def test_killed_trainings_resume_without_losing_a_checkpoint_or_the_mlflow_run(t
     assert sorted(p.name for p in models.glob("checkpoint_*.pt")) == ["checkpoint_epoch=2.pt"]
     assert latest_checkpoint(models).endswith("checkpoint_epoch=2.pt")
     saved = torch.load(models / "model.pt", weights_only=True)
-    TMCA().load_state_dict(saved.get("model", saved))  # model.pt intact
+    bundle_tmca().load_state_dict(saved.get("model", saved))  # model.pt intact
 
     proc = start("step:2")  # SIGKILL at the 2nd step of epoch 3
     _, err = proc.communicate(timeout=900)

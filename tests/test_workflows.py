@@ -8,11 +8,10 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, FAST, config, tokenize_reports
+from conftest import BUNDLE_ROOT, FAST, bundle_tmca, config, tokenize_reports
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
-from scripts.networks import TMCA
 
 
 def _workflow(config_file, workflow_type, root, demo_dir, **overrides):
@@ -47,7 +46,7 @@ def test_training_saves_best_and_resumable_checkpoints(trained):
     assert (root / "models" / "model.pt").is_file()
     assert list((root / "models").glob("checkpoint_*1.pt"))
     saved = torch.load(root / "models" / "model.pt", weights_only=True)
-    TMCA().load_state_dict(saved.get("model", saved), strict=True)
+    bundle_tmca().load_state_dict(saved.get("model", saved), strict=True)
     assert (root / "eval" / "mlruns.db").is_file()
 
 
@@ -91,7 +90,7 @@ def test_the_best_network_is_an_mlflow_model_that_loads_back_and_segments(traine
     assert [s.name for s in info.signature.inputs.inputs] == list(INPUT_NAMES)
     assert [s.name for s in info.signature.outputs.inputs] == ["pred"]
     assert info.signature.inputs.inputs[0].shape == (-1, 1, *FAST["spatial_size"])
-    reference = load_checkpoint(TMCA(), root / "models" / "model.pt").eval()
+    reference = load_checkpoint(bundle_tmca(), root / "models" / "model.pt").eval()
     ids, mask = tokenize_reports(["lower left lung.", "upper right lung.", "all right lung."])
     mask[1] = 0  # the second sample without its report
     image = torch.rand(1, 1, *FAST["spatial_size"], generator=torch.Generator().manual_seed(3)).repeat(3, 1, 1, 1)
@@ -127,7 +126,7 @@ def test_logging_the_model_leaves_the_process_tracking_uri_as_it_found_it(traine
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     else:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", before)
-    logger = NetworkModelLogger(TMCA(), root / "models" / "model.pt", TokenizeReport(), 1, FAST["spatial_size"])
+    logger = NetworkModelLogger(bundle_tmca(), root / "models" / "model.pt", TokenizeReport(), 1, FAST["spatial_size"])
     assert logger(run.info.run_id, store).model_uri == "m"
     assert seen == [store]  # logged into the training's own store
     assert os.environ.get("MLFLOW_TRACKING_URI") == before
@@ -206,7 +205,7 @@ def test_ship_evaluates_the_float16_file_then_installs_it_with_its_figures(train
     assert got["model_sha256"] == file_sha256(shipped) == file_sha256(run / "shipped" / "model.pt")
     weights = torch.load(shipped, weights_only=True)
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
-    TMCA().load_state_dict(weights, strict=True)
+    bundle_tmca().load_state_dict(weights, strict=True)
     assert [p.read_bytes() for p in (root / "models").glob("model.replaced-*.pt")] == [b"the model shipped before"]
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     assert meta["eval_metrics"] == got and {k: v for k, v in meta.items() if k != "eval_metrics"} == {
