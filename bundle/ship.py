@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -131,6 +132,16 @@ def _evaluate(
     return result["metrics"]
 
 
+def _figure(name: str, value: float) -> float | None:
+    """A figure for metadata.json, 4 decimals; an undefined one (NaN: e.g. ``val_outside_named`` of a network
+    that predicts no foreground) becomes null with a warning, since JSON has no NaN (``json.dumps`` would write
+    ``NaN``, which strict readers refuse)."""
+    if not math.isfinite(value):
+        logger.warning("ship: %s is %s (undefined on this evaluation): written as null", name, value)
+        return None
+    return round(value, 4)
+
+
 def _keep_replaced(dest: Path, new_sha: str) -> Path | None:
     """Moves a ``dest`` whose content differs from the file about to ship aside; returns its new path."""
     if not dest.is_file() or file_sha256(dest) == new_sha:
@@ -197,9 +208,10 @@ def ship(
     results = {name: _evaluate(root, staged.parent, sha, name, dataset_dir, path, overrides) for name, path in lists.items()}
     eval_metrics: dict[str, Any] = {"dataset": dataset or f"validation split of {datalist}", "model_sha256": sha}
     eval_metrics.update(training_run(run_dir, tracking_uri))
-    eval_metrics.update({k: round(v, 4) for k, v in results.pop("validation").items() if k.startswith(_SHIPPED_PREFIXES)})
+    figures = {k: v for k, v in results.pop("validation").items() if k.startswith(_SHIPPED_PREFIXES)}
     for name, metrics in results.items():
-        eval_metrics.update({f"{k}_{name}": round(metrics[k], 4) for k in _EXTRA_FIGURES if k in metrics})
+        figures.update({f"{k}_{name}": metrics[k] for k in _EXTRA_FIGURES if k in metrics})
+    eval_metrics.update({k: _figure(k, v) for k, v in figures.items()})
 
     meta_path = root / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())

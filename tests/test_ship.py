@@ -87,3 +87,12 @@ def test_the_command_line_passes_extra_lists_and_evaluation_overrides(monkeypatc
     assert '"val_dice_mean": 0.5' in capsys.readouterr().out
     assert main(["ship", "runs/r", "--dataset-dir", "runs", "--extra", "no_equals_sign"]) == 2
     assert "--extra 'no_equals_sign': expected NAME=DATALIST" in capsys.readouterr().err
+
+
+def test_an_undefined_figure_ships_as_null_with_a_warning(caplog):
+    from bundle.ship import _figure
+
+    assert _figure("val_dice_mean", 0.789666) == 0.7897
+    with caplog.at_level("WARNING", logger="bundle.ship"):
+        assert _figure("val_outside_named", float("nan")) is None
+    assert "val_outside_named is nan" in caplog.text and "written as null" in caplog.text

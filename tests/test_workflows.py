@@ -207,7 +207,10 @@ def test_ship_evaluates_the_float16_file_then_installs_it_with_its_figures(train
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
     bundle_tmca().load_state_dict(weights, strict=True)
     assert [p.read_bytes() for p in (root / "models").glob("model.replaced-*.pt")] == [b"the model shipped before"]
-    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    def no_nan(constant):  # strict JSON: an undefined figure is written as null, never NaN
+        raise AssertionError(f"metadata.json holds {constant}")
+
+    meta = json.loads((root / "configs" / "metadata.json").read_text(), parse_constant=no_nan)
     assert meta["eval_metrics"] == got and {k: v for k, v in meta.items() if k != "eval_metrics"} == {
         k: v for k, v in json.loads(meta_before).items() if k != "eval_metrics"}
     # the figures are those of the float16 file's own evaluations, by list
