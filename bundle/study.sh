@@ -14,9 +14,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# full TMCA as studied: the design switches of docs/tmca.md ("Design switches under study"), each spelled out (off
-# ones too) so that a row means what it meant when it ran whatever train.yaml's defaults become; every TMCA row
-# below differs from it in one switch, set in its configs/networks file
+# full TMCA as studied: the design switches of docs/tmca.md ("Design switches"), spelled out although they are
+# train.yaml's defaults since 1.0.0 (and the bank switched off for tmca_v2), so that a row means what it meant when
+# it ran; every TMCA row below differs from it in one switch, set in its configs/networks file
 V2=(--loss#level_reduction mean --loss#warmup_epochs 1 --network_def#enhancement_space aligned
     --network_def#enhancement_alpha_init 0.0 --network_def#alignment_position True)
 BANK=(--network_def#report_bank True
